@@ -1,0 +1,137 @@
+"""Chunkwise-parallel GLA with secondary chunking, stable for any log-gate.
+
+Shape legend: B batch, T time, H heads, K key dim, V value dim, C chunk, n chunks per segment,
+c sub-chunk, m = C / c sub-chunks per chunk.
+
+With ``b_i = sum_{s <= i} g_s`` the per-dimension log-decay accumulated since the chunk start
+(``b_i <= 0``, non-increasing in i) and ``S`` the state entering the chunk:
+
+    o_i = scale * [ sum_{j <= i} sum_k q_ik k_jk exp(b_ik - b_jk) v_j  +  (q_i * exp(b_i)) S ]
+    S'  = diag(exp(b_C)) S + sum_j (k_j * exp(b_C - b_j)) v_j^T
+
+The intra-chunk weights ``exp(b_ik - b_jk)`` cannot be split into a query factor and a key factor
+relative to the chunk start: ``exp(-b_j)`` overflows once the decay inside a chunk passes ~88
+nats. So the chunk is cut into sub-chunks of c tokens (the GLA paper's secondary chunking):
+
+* query sub-chunk I against earlier keys ``j < I c``: with the reference point ``r_I = b_{Ic-1}``,
+  ``exp(b_i - b_j) = exp(b_i - r_I) * exp(r_I - b_j)`` and both exponents are ``<= 0``, so
+  ``A[I] = (q_I * exp(b_I - r_I)) @ (k * exp(r_I - b))^T`` is a matmul with no overflow;
+* inside a sub-chunk (``j, i`` in I) the weights are formed directly, ``[c, c, K]`` per sub-chunk.
+
+Every exponent is <= 0 (masked terms are exp(-inf) = 0), whatever the gates.
+
+That path forms ``[c, c, K]`` weights and ``m`` rescaled copies of the keys per chunk, several
+times the work of the matmuls. Most gates decay far less than 88 nats within a chunk, so when
+the decay over every chunk of a segment stays under ``SAFE_SPAN`` nats the chunk is factored
+once around its midpoint ``r = b_C / 2``: ``exp(b_i - b_j) = exp(b_i - r) * exp(r - b_j)`` with
+both exponents in ``[-SAFE_SPAN / 2, SAFE_SPAN / 2]``, far from float32's limits (the factors stay
+below e^30 ~ 1e13), and the scores are one matmul. Segments with a larger decay take the
+secondary-chunking path; both are exact up to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from subquad.ops._common.chunking import causal_mask, pad_time, segment_length, state_dtype, to_chunks
+
+# largest per-chunk decay (nats) factored around the chunk midpoint; see the module docstring
+SAFE_SPAN = 60.0
+
+
+def sub_chunk_size(chunk_size: int, preferred: int = 16) -> int:
+    """The largest divisor of ``chunk_size`` not above ``preferred``."""
+    for c in range(min(preferred, chunk_size), 0, -1):
+        if chunk_size % c == 0:
+            return c
+    return 1
+
+
+def intra_chunk_scores(qc: torch.Tensor, kc: torch.Tensor, bc: torch.Tensor, c: int) -> torch.Tensor:
+    """Causal decayed scores ``A[i, j] = sum_k q_ik k_jk exp(b_ik - b_jk)`` (j <= i), ``[.., C, C]``.
+
+    ``qc, kc, bc`` are ``[.., C, K]``; ``bc`` the in-chunk cumulative log-decay.
+    """
+    *lead, C, K = qc.shape
+    m = C // c
+    dev = qc.device
+    qs = qc.reshape(*lead, m, c, K)
+    ks = kc.reshape(*lead, m, c, K)
+    bs = bc.reshape(*lead, m, c, K)
+    # 1. reference points r_I = b just before sub-chunk I (0 for the first)
+    r = torch.cat([torch.zeros_like(bs[..., :1, 0, :]), bs[..., :-1, -1, :]], -2)  # [.., m, K]
+    # 2. earlier sub-chunks: (q_I * exp(b_I - r_I)) @ (k_j * exp(r_I - b_j))^T for j < I c
+    q_hat = qs * (bs - r.unsqueeze(-2)).exp()  # [.., m, c, K]
+    earlier = torch.arange(C, device=dev)[None, :] < (torch.arange(m, device=dev)[:, None] * c)  # [m, C]
+    expo = (r.unsqueeze(-2) - bc.unsqueeze(-3)).masked_fill(~earlier[..., None], float("-inf"))  # [.., m, C, K]
+    k_hat = kc.unsqueeze(-3) * expo.exp()
+    scores = torch.matmul(q_hat, k_hat.transpose(-1, -2))  # [.., m, c, C]
+    # 3. inside each sub-chunk: the weights formed directly, j <= i
+    expo = (bs.unsqueeze(-2) - bs.unsqueeze(-3)).masked_fill(
+        ~causal_mask(c, dev)[..., None], float("-inf")
+    )  # [.., m, c, c, K]
+    diag = (qs.unsqueeze(-2) * ks.unsqueeze(-3) * expo.exp()).sum(-1)  # [.., m, c, c]
+    # 4. place the diagonal blocks: column block I of row block I
+    eye = torch.eye(m, dtype=qc.dtype, device=dev)
+    scores = scores.reshape(*lead, m, c, m, c) + diag.unsqueeze(-2) * eye[:, None, :, None]
+    return scores.reshape(*lead, C, C)
+
+
+def chunk_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked GLA. q, k, g ``[B, T, H, K]``; v ``[B, T, H, V]``; state ``[B, H, K, V]``."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    c = sub_chunk_size(C)
+    cd = state_dtype(q.dtype)
+    dev = q.device
+    # 0. pad time to whole chunks with zeros: zero k, v and log-gates leave the state unchanged
+    q, k, v, g = (pad_time(x, C) for x in (q, k, v, g))
+    Tp = q.shape[1]
+    L = segment_length(B * H, max(K, V), C)
+    S = initial_state.to(cd) if initial_state is not None else torch.zeros(B, H, K, V, dtype=cd, device=dev)
+    scaled_mask = causal_mask(C, dev).to(cd) * scale
+    outs = []
+    for s in range(0, Tp, L):
+        e = min(s + L, Tp)
+        n = (e - s) // C
+        qc, kc, vc, gc = (to_chunks(x[:, s:e], C, cd) for x in (q, k, v, g))  # [B, H, n, C, D]
+        bc = gc.cumsum(-2)
+        last = bc[..., -1:, :]  # [B, H, n, 1, K] decay over each chunk
+        if -float(last.min()) <= SAFE_SPAN:
+            # 1a. moderate decay: factor every chunk around its midpoint r = b_C / 2
+            r = last * 0.5
+            E = (bc - r).exp()  # within [e^-30, e^30]
+            k_in = kc / E
+            scores = torch.matmul(qc * E, k_in.transpose(-1, -2)) * scaled_mask
+            q_out = qc * E * (r.exp() * scale)  # scale * q_i * exp(b_i)
+            k_out = k_in * (last - r).exp()  # k_j * exp(b_C - b_j)
+        else:
+            # 1b. strong decay somewhere in the segment: secondary chunking, no overflow possible
+            scores = intra_chunk_scores(qc, kc, bc, c) * scale
+            q_out = qc * bc.exp() * scale
+            k_out = kc * (last - bc).exp()
+        # 2. each chunk's contribution to the state at its end
+        U = torch.matmul(k_out.transpose(-1, -2), vc)  # [B, H, n, K, V]
+        # 3. inter-chunk state pass, sequential over the segment's chunks
+        chunk_decay = last.squeeze(-2).exp().unsqueeze(-1)  # [B, H, n, K, 1]
+        states = []
+        for i in range(n):
+            states.append(S)
+            S = chunk_decay[:, :, i] * S + U[:, :, i]
+        S_prev = torch.stack(states, 2)  # [B, H, n, K, V]
+        # 4. output: intra-chunk scores @ v, plus (accumulated by the same gemm) the carried state
+        o = torch.matmul(scores, vc).view(-1, C, V)
+        o = torch.baddbmm(o, q_out.reshape(-1, C, K), S_prev.view(-1, K, V))
+        outs.append(o.view(B, H, e - s, V).transpose(1, 2))
+    o = torch.cat(outs, 1)[:, :T].to(q.dtype)
+    return o, (S if output_final_state else None)

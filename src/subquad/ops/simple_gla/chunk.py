@@ -1,0 +1,152 @@
+"""Chunkwise-parallel simple GLA: scalar decay per head (and plain linear attention, no decay).
+
+Shape legend: B batch, T time, H heads, K key dim, V value dim, C chunk, n chunks per segment,
+L segment length (n * C).
+
+Within a chunk, with ``b_i = sum_{s <= i} g_s`` the log-decay accumulated since the chunk start
+(``b_i <= 0``, non-increasing) and ``S`` the state entering the chunk:
+
+    o_i = scale * [ sum_{j <= i} exp(b_i - b_j) (q_i . k_j) v_j  +  exp(b_i) S^T q_i ]
+    S'  = exp(b_C) S + sum_j exp(b_C - b_j) k_j v_j^T
+
+Every exponent is <= 0 (masked entries are exp(-inf) = 0), so nothing overflows whatever the
+gates. Across the n chunks of a segment the state pass is one small matmul with the decay matrix
+``W[c, c'] = exp(E_c - G_c')`` for c' < c (``G`` inclusive, ``E`` exclusive cumulative chunk decay),
+whose extra last row ``exp(G_n - G_c')`` gives the state leaving the segment. With a constant
+decay ``g_gamma`` (RetNet, Lightning Attention) all these factors are the same for every chunk and
+are computed once per call: Lightning Attention-2's tiling, intra-block by a masked decay matmul,
+inter-block through the carried KV state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from subquad.ops._common.chunking import causal_mask, pad_time, segment_length, state_dtype, to_chunks
+
+
+def _decay_factors(bc: torch.Tensor, mask: torch.Tensor, log_scale: float):
+    """Decay factors of one segment from ``bc [.., n, C]``, the in-chunk cumulative log-decay.
+
+    Returns ``scale * exp(b_i - b_j)`` masked to j <= i ``[.., n, C, C]``, ``scale * exp(b_i)``
+    ``[.., n, C, 1]``, ``exp(b_C - b_j)`` ``[.., n, C, 1]``, the state-pass matrix ``[.., n + 1, n]``,
+    ``exp(E_c)`` ``[.., n, 1]`` (segment start to chunk start) and ``exp(G_n)`` ``[.., 1]``.
+    """
+    n = bc.shape[-2]
+    last = bc[..., -1]  # [.., n] decay over each chunk
+    # 1. intra-chunk: scale * exp(b_i - b_j) for j <= i; the scale rides in the exponent
+    diff = bc.unsqueeze(-1) - bc.unsqueeze(-2) + log_scale
+    decay_qk = torch.where(mask, diff, float("-inf")).exp()
+    decay_q = (bc + log_scale).exp().unsqueeze(-1)
+    decay_k = (last.unsqueeze(-1) - bc).exp().unsqueeze(-1)
+    # 2. inter-chunk: G inclusive, E exclusive cumulative decay over the segment's chunks
+    G = last.cumsum(-1)
+    E = G - last
+    rows = torch.cat([E, G[..., -1:]], -1)  # [.., n + 1]: chunk starts, then the segment end
+    allowed = causal_mask(n + 1, bc.device, strict=True)[:, :n]
+    w = torch.where(allowed, rows.unsqueeze(-1) - G.unsqueeze(-2), float("-inf")).exp()
+    return decay_qk, decay_q, decay_k, w, E.exp().unsqueeze(-1), G[..., -1:].exp()
+
+
+def chunk_scalar_decay(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    g_gamma: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked causal linear attention with an optional scalar log-decay (``g`` or ``g_gamma``).
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
+        g: ``[B, T, H]`` data-dependent log-decay or None. g_gamma: ``[H]`` constant log-decay or None.
+        initial_state: ``[B, H, K, V]`` or None.
+
+    Returns:
+        ``o [B, T, H, V]`` in the input dtype and the final state ``[B, H, K, V]`` (float32; float64
+        for float64 inputs) or None.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    cd = state_dtype(q.dtype)
+    dev = q.device
+    if g_gamma is not None and T % C:
+        # a constant decay would also decay the zero padding of the last chunk: run the whole
+        # chunks with the shared factors and the tail with the decay written out per token
+        Tm = T - T % C
+        parts = []
+        state = initial_state
+        if Tm:
+            o_main, state = chunk_scalar_decay(
+                q[:, :Tm], k[:, :Tm], v[:, :Tm], None, g_gamma, scale, state, True, chunk_size
+            )
+            parts.append(o_main)
+        g_tail = g_gamma.to(q.dtype).expand(B, T - Tm, H)
+        o_tail, state = chunk_scalar_decay(
+            q[:, Tm:], k[:, Tm:], v[:, Tm:], g_tail, None, scale, state, output_final_state, chunk_size
+        )
+        parts.append(o_tail)
+        return torch.cat(parts, 1), state
+
+    # 0. pad time to whole chunks with zeros: zero k, v and log-gates leave the state unchanged
+    q, k, v = (pad_time(x, C) for x in (q, k, v))
+    if g is not None:
+        g = pad_time(g, C)
+    Tp = q.shape[1]
+    L = segment_length(B * H, max(K, V), C)
+    mask = causal_mask(C, dev)
+    decayed = g is not None or g_gamma is not None
+    # a positive scale rides inside the exponentials; any other is applied to the output
+    log_scale = math.log(scale) if (decayed and scale > 0) else 0.0
+    post_scale = scale if (decayed and scale <= 0) else 1.0
+    scaled_mask = mask.to(cd) * scale
+    inter_scale = 1.0 if decayed else scale
+    S = initial_state.to(cd) if initial_state is not None else torch.zeros(B, H, K, V, dtype=cd, device=dev)
+    shared: dict[int, tuple[torch.Tensor, ...]] = {}
+    outs = []
+    for s in range(0, Tp, L):
+        e = min(s + L, Tp)
+        n = (e - s) // C
+        # 1. this segment's chunks, contiguous [B, H, n, C, D] in the compute dtype
+        qc, kc, vc = (to_chunks(x[:, s:e], C, cd) for x in (q, k, v))
+        scores = torch.matmul(qc, kc.transpose(-1, -2))  # [B, H, n, C, C]
+        if not decayed:
+            # 2a. no decay: masked scores; W is all ones below the diagonal (a cumulative sum)
+            scores = scores * scaled_mask
+            U = torch.matmul(kc.transpose(-1, -2), vc).view(B, H, n, K * V)
+            w = causal_mask(n + 1, dev, strict=True)[:, :n].to(cd)
+            SU = torch.matmul(w, U)  # [B, H, n + 1, K * V]
+            S_prev = SU[:, :, :n] + S.view(B, H, 1, K * V)
+            S = SU[:, :, n].view(B, H, K, V) + S
+        else:
+            # 2b. scalar decay: factors per chunk, or shared by all chunks for a constant decay
+            if g_gamma is not None:
+                if n not in shared:
+                    bc = g_gamma.to(cd)[:, None, None] * torch.arange(1, C + 1, device=dev, dtype=cd)
+                    shared[n] = _decay_factors(bc.expand(H, n, C), mask, log_scale)
+                decay_qk, decay_q, decay_k, w, to_start, whole = shared[n]
+            else:
+                bc = g[:, s:e].to(cd).permute(0, 2, 1).reshape(B, H, n, C).cumsum(-1)
+                decay_qk, decay_q, decay_k, w, to_start, whole = _decay_factors(bc, mask, log_scale)
+            scores = scores * decay_qk
+            U = torch.matmul((kc * decay_k).transpose(-1, -2), vc).view(B, H, n, K * V)
+            # 3. inter-chunk state pass: one matmul with the chunk decay matrix W
+            SU = torch.matmul(w, U)  # [B, H, n + 1, K * V]
+            S_prev = SU[..., :n, :] + to_start * S.view(B, H, 1, K * V)
+            S = (SU[..., n, :] + whole * S.view(B, H, K * V)).view(B, H, K, V)
+            qc = qc * decay_q
+        # 4. output: intra-chunk scores @ v, plus (accumulated by the same gemm) the carried state
+        o = torch.matmul(scores, vc).view(-1, C, V)
+        o = torch.baddbmm(o, qc.view(-1, C, K), S_prev.reshape(-1, K, V), alpha=inter_scale)
+        outs.append(o.view(B, H, e - s, V).transpose(1, 2))
+    o = torch.cat(outs, 1)[:, :T]
+    if post_scale != 1.0:
+        o = o * post_scale
+    return o.to(q.dtype), (S if output_final_state else None)
