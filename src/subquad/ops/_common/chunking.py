@@ -17,6 +17,12 @@ import torch.nn.functional as F
 # elements of one input tensor per segment: 2**17 float32 = 512 KiB
 SEGMENT_ELEMENTS = 1 << 17
 
+# Largest log-decay (nats) within one chunk for which float32 cumulative sums and factored
+# exponentials are used. Past it, cumulative log-decays reach magnitudes where float32 loses the
+# small differences between nearby tokens (and exp(-b) would overflow), so exponents are formed
+# in float64 / by secondary chunking instead.
+SAFE_SPAN = 60.0
+
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Recurrent state and internal compute dtype: float64 for float64 inputs, else float32."""

@@ -33,10 +33,14 @@ from __future__ import annotations
 
 import torch
 
-from subquad.ops._common.chunking import causal_mask, pad_time, segment_length, state_dtype, to_chunks
-
-# largest per-chunk decay (nats) factored around the chunk midpoint; see the module docstring
-SAFE_SPAN = 60.0
+from subquad.ops._common.chunking import (
+    SAFE_SPAN,
+    causal_mask,
+    pad_time,
+    segment_length,
+    state_dtype,
+    to_chunks,
+)
 
 
 def sub_chunk_size(chunk_size: int, preferred: int = 16) -> int:
@@ -61,16 +65,17 @@ def intra_chunk_scores(qc: torch.Tensor, kc: torch.Tensor, bc: torch.Tensor, c: 
     # 1. reference points r_I = b just before sub-chunk I (0 for the first)
     r = torch.cat([torch.zeros_like(bs[..., :1, 0, :]), bs[..., :-1, -1, :]], -2)  # [.., m, K]
     # 2. earlier sub-chunks: (q_I * exp(b_I - r_I)) @ (k_j * exp(r_I - b_j))^T for j < I c
-    q_hat = qs * (bs - r.unsqueeze(-2)).exp()  # [.., m, c, K]
+    dt = qc.dtype  # exponents may come in float64; the weights are formed in the compute dtype
+    q_hat = qs * (bs - r.unsqueeze(-2)).to(dt).exp()  # [.., m, c, K]
     earlier = torch.arange(C, device=dev)[None, :] < (torch.arange(m, device=dev)[:, None] * c)  # [m, C]
     expo = (r.unsqueeze(-2) - bc.unsqueeze(-3)).masked_fill(~earlier[..., None], float("-inf"))  # [.., m, C, K]
-    k_hat = kc.unsqueeze(-3) * expo.exp()
+    k_hat = kc.unsqueeze(-3) * expo.to(dt).exp()
     scores = torch.matmul(q_hat, k_hat.transpose(-1, -2))  # [.., m, c, C]
     # 3. inside each sub-chunk: the weights formed directly, j <= i
     expo = (bs.unsqueeze(-2) - bs.unsqueeze(-3)).masked_fill(
         ~causal_mask(c, dev)[..., None], float("-inf")
     )  # [.., m, c, c, K]
-    diag = (qs.unsqueeze(-2) * ks.unsqueeze(-3) * expo.exp()).sum(-1)  # [.., m, c, c]
+    diag = (qs.unsqueeze(-2) * ks.unsqueeze(-3) * expo.to(dt).exp()).sum(-1)  # [.., m, c, c]
     # 4. place the diagonal blocks: column block I of row block I
     eye = torch.eye(m, dtype=qc.dtype, device=dev)
     scores = scores.reshape(*lead, m, c, m, c) + diag.unsqueeze(-2) * eye[:, None, :, None]
@@ -107,7 +112,7 @@ def chunk_gla(
         qc, kc, vc, gc = (to_chunks(x[:, s:e], C, cd) for x in (q, k, v, g))  # [B, H, n, C, D]
         bc = gc.cumsum(-2)
         last = bc[..., -1:, :]  # [B, H, n, 1, K] decay over each chunk
-        if -float(last.min()) <= SAFE_SPAN:
+        if -float(last.detach().min()) <= SAFE_SPAN:
             # 1a. moderate decay: factor every chunk around its midpoint r = b_C / 2
             r = last * 0.5
             E = (bc - r).exp()  # within [e^-30, e^30]
@@ -116,14 +121,18 @@ def chunk_gla(
             q_out = qc * E * (r.exp() * scale)  # scale * q_i * exp(b_i)
             k_out = k_in * (last - r).exp()  # k_j * exp(b_C - b_j)
         else:
-            # 1b. strong decay somewhere in the segment: secondary chunking, no overflow possible
+            # 1b. strong decay somewhere in the segment: secondary chunking, no overflow possible.
+            # b reaches thousands of nats here: accumulate it in float64 so the differences of
+            # nearby tokens, which carry all the weight, keep float32 accuracy
+            bc = to_chunks(g[:, s:e], C, torch.float64).cumsum(-2)
+            last = bc[..., -1:, :]
             scores = intra_chunk_scores(qc, kc, bc, c) * scale
-            q_out = qc * bc.exp() * scale
-            k_out = kc * (last - bc).exp()
+            q_out = qc * bc.to(cd).exp() * scale
+            k_out = kc * (last - bc).to(cd).exp()
         # 2. each chunk's contribution to the state at its end
         U = torch.matmul(k_out.transpose(-1, -2), vc)  # [B, H, n, K, V]
         # 3. inter-chunk state pass, sequential over the segment's chunks
-        chunk_decay = last.squeeze(-2).exp().unsqueeze(-1)  # [B, H, n, K, 1]
+        chunk_decay = last.squeeze(-2).to(cd).exp().unsqueeze(-1)  # [B, H, n, K, 1]
         states = []
         for i in range(n):
             states.append(S)

@@ -24,11 +24,22 @@ import math
 
 import torch
 
-from subquad.ops._common.chunking import causal_mask, pad_time, segment_length, state_dtype, to_chunks
+from subquad.ops._common.chunking import (
+    SAFE_SPAN,
+    causal_mask,
+    pad_time,
+    segment_length,
+    state_dtype,
+    to_chunks,
+)
 
 
-def _decay_factors(bc: torch.Tensor, mask: torch.Tensor, log_scale: float):
+def _decay_factors(bc: torch.Tensor, mask: torch.Tensor, log_scale: float, dtype: torch.dtype):
     """Decay factors of one segment from ``bc [.., n, C]``, the in-chunk cumulative log-decay.
+
+    Every exponent is formed in ``bc``'s dtype before the cast to ``dtype``: the caller passes
+    float64 when the decay is strong, since ``b`` then reaches thousands of nats, where float32
+    would lose the small differences ``b_i - b_j`` of nearby tokens, which carry all the weight.
 
     Returns ``scale * exp(b_i - b_j)`` masked to j <= i ``[.., n, C, C]``, ``scale * exp(b_i)``
     ``[.., n, C, 1]``, ``exp(b_C - b_j)`` ``[.., n, C, 1]``, the state-pass matrix ``[.., n + 1, n]``,
@@ -38,16 +49,16 @@ def _decay_factors(bc: torch.Tensor, mask: torch.Tensor, log_scale: float):
     last = bc[..., -1]  # [.., n] decay over each chunk
     # 1. intra-chunk: scale * exp(b_i - b_j) for j <= i; the scale rides in the exponent
     diff = bc.unsqueeze(-1) - bc.unsqueeze(-2) + log_scale
-    decay_qk = torch.where(mask, diff, float("-inf")).exp()
-    decay_q = (bc + log_scale).exp().unsqueeze(-1)
-    decay_k = (last.unsqueeze(-1) - bc).exp().unsqueeze(-1)
+    decay_qk = torch.where(mask, diff, float("-inf")).to(dtype).exp()
+    decay_q = (bc + log_scale).to(dtype).exp().unsqueeze(-1)
+    decay_k = (last.unsqueeze(-1) - bc).to(dtype).exp().unsqueeze(-1)
     # 2. inter-chunk: G inclusive, E exclusive cumulative decay over the segment's chunks
     G = last.cumsum(-1)
     E = G - last
     rows = torch.cat([E, G[..., -1:]], -1)  # [.., n + 1]: chunk starts, then the segment end
     allowed = causal_mask(n + 1, bc.device, strict=True)[:, :n]
-    w = torch.where(allowed, rows.unsqueeze(-1) - G.unsqueeze(-2), float("-inf")).exp()
-    return decay_qk, decay_q, decay_k, w, E.exp().unsqueeze(-1), G[..., -1:].exp()
+    w = torch.where(allowed, rows.unsqueeze(-1) - G.unsqueeze(-2), float("-inf")).to(dtype).exp()
+    return decay_qk, decay_q, decay_k, w, E.to(dtype).exp().unsqueeze(-1), G[..., -1:].to(dtype).exp()
 
 
 def chunk_scalar_decay(
@@ -129,12 +140,16 @@ def chunk_scalar_decay(
             # 2b. scalar decay: factors per chunk, or shared by all chunks for a constant decay
             if g_gamma is not None:
                 if n not in shared:
-                    bc = g_gamma.to(cd)[:, None, None] * torch.arange(1, C + 1, device=dev, dtype=cd)
-                    shared[n] = _decay_factors(bc.expand(H, n, C), mask, log_scale)
+                    steps = torch.arange(1, C + 1, device=dev, dtype=torch.float64)
+                    bc = g_gamma.to(torch.float64)[:, None, None] * steps
+                    shared[n] = _decay_factors(bc.expand(H, n, C), mask, log_scale, cd)
                 decay_qk, decay_q, decay_k, w, to_start, whole = shared[n]
             else:
-                bc = g[:, s:e].to(cd).permute(0, 2, 1).reshape(B, H, n, C).cumsum(-1)
-                decay_qk, decay_q, decay_k, w, to_start, whole = _decay_factors(bc, mask, log_scale)
+                gs = g[:, s:e].permute(0, 2, 1).reshape(B, H, n, C)
+                bc = gs.to(cd).cumsum(-1)
+                if -float(bc[..., -1].detach().min()) > SAFE_SPAN:
+                    bc = gs.to(torch.float64).cumsum(-1)
+                decay_qk, decay_q, decay_k, w, to_start, whole = _decay_factors(bc, mask, log_scale, cd)
             scores = scores * decay_qk
             U = torch.matmul((kc * decay_k).transpose(-1, -2), vc).view(B, H, n, K * V)
             # 3. inter-chunk state pass: one matmul with the chunk decay matrix W

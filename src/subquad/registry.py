@@ -1,0 +1,294 @@
+"""The op registry: one ``OpSpec`` per op, the single place tests, the CLI and benchmarks read.
+
+Shape legend: B batch, T time, H heads, K key dim, V value dim, N sequences, C chunk.
+
+An ``OpSpec`` says which tensors an op takes and how to build valid random ones, the variants
+worth testing (normalized, constant decay, ...), its modes, its state shape and its paper. Adding
+an op is one folder under ``subquad/ops/`` and one ``register(OpSpec(...))`` below; the generated
+test matrix, ``subquad list`` and ``subquad bench speed`` then cover it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from subquad import ops
+
+# Gate regimes the input builders know: typical values, log-gates near 0 (almost no decay)
+# and very negative log-gates (strong decay, the overflow trap of chunked forms).
+GATE_REGIMES = ("normal", "near_zero", "strong")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorSpec:
+    """One tensor input: its dims (letters of the legend) and what kind of values it holds.
+
+    ``kind``: ``"qk"`` (queries/keys), ``"v"`` (values), ``"log_gate"`` (natural-log decay <= 0),
+    ``"log_gate_const"`` (a per-head constant log-decay).
+    """
+
+    dims: tuple[str, ...]
+    kind: str
+
+    @property
+    def legend(self) -> str:
+        return "[" + ", ".join(self.dims) + "]"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Variant:
+    """A way of calling an op worth testing and benchmarking on its own.
+
+    Attributes:
+        name: short id, e.g. ``"default"``, ``"normalize"``, ``"g_gamma"``.
+        positional: tensor inputs passed positionally, in order.
+        keyword: tensor inputs passed by keyword.
+        kwargs: fixed non-tensor keyword arguments.
+        modes: modes this variant supports (None: all of the op's).
+        positive_qk: build non-negative q and k (needed by a normalizer).
+        state_v_extra: extra columns in the state's last dim (the normalizer's z).
+        streaming: whether splitting T and carrying the state equals one call (False when
+            non-causal).
+    """
+
+    name: str
+    positional: tuple[str, ...]
+    keyword: tuple[str, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    modes: tuple[str, ...] | None = None
+    positive_qk: bool = False
+    state_v_extra: int = 0
+    streaming: bool = True
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        return self.positional + self.keyword
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpSpec:
+    """Everything generic code needs to know about one op.
+
+    Attributes:
+        name: the op's name, also its function name in ``subquad.ops``.
+        fn: the public function ``fn(*positional, mode=..., **keyword) -> (o, final_state)``.
+        tensors: every tensor input the op may take, by name.
+        variants: the ways of calling it that tests and benchmarks cover.
+        modes: the modes it implements; ``"reference"`` is always the spec.
+        gate: ``"none"``, ``"scalar"`` (per head and token), ``"constant"`` (per head) or
+            ``"vector"`` (per key dim).
+        state: the state's dims, e.g. ``("N", "H", "K", "V")``.
+        paper: title and year; url: a link to it.
+        summary: the recurrence in one line.
+        flops_per_token: ``f(mode, K, V, chunk_size) -> int``, matmul-equivalent FLOPs one token of
+            one head costs in that mode (used for GFLOP/s in the speed benchmark).
+    """
+
+    name: str
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+    tensors: Mapping[str, TensorSpec]
+    variants: tuple[Variant, ...]
+    modes: tuple[str, ...]
+    gate: str
+    state: tuple[str, ...]
+    paper: str
+    url: str
+    summary: str
+    flops_per_token: Callable[[str, int, int, int], int]
+
+    def variant(self, name: str = "default") -> Variant:
+        for var in self.variants:
+            if var.name == name:
+                return var
+        raise KeyError(f"op {self.name!r} has no variant {name!r}; it has {[v.name for v in self.variants]}")
+
+    def modes_for(self, variant: Variant) -> tuple[str, ...]:
+        return variant.modes if variant.modes is not None else self.modes
+
+    def state_shape(self, N: int, H: int, K: int, V: int, variant: Variant | None = None) -> tuple[int, ...]:
+        extra = variant.state_v_extra if variant is not None else 0
+        sizes = {"N": N, "H": H, "K": K, "V": V + extra}
+        return tuple(sizes[d] for d in self.state)
+
+    def state_bytes_per_sequence(self, H: int, K: int, V: int) -> int:
+        """Bytes of float32 recurrent state one sequence carries (independent of T)."""
+        n = 1
+        for d in self.state_shape(1, H, K, V):
+            n *= d
+        return 4 * n
+
+    def make_inputs(
+        self,
+        variant: Variant | str = "default",
+        *,
+        B: int = 2,
+        T: int = 64,
+        H: int = 2,
+        K: int = 16,
+        V: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        gates: str = "normal",
+    ) -> dict[str, torch.Tensor]:
+        """Valid random inputs for ``variant``: ``{name: tensor}`` for every tensor it takes."""
+        if isinstance(variant, str):
+            variant = self.variant(variant)
+        if gates not in GATE_REGIMES:
+            raise ValueError(f"gates must be one of {GATE_REGIMES}, got {gates!r}")
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        sizes = {"B": B, "T": T, "H": H, "K": K, "V": V}
+        out = {}
+        for name in variant.tensor_names:
+            spec = self.tensors[name]
+            shape = tuple(sizes[d] for d in spec.dims)
+            out[name] = _random_tensor(spec.kind, shape, gen, gates, variant.positive_qk).to(
+                device=device, dtype=dtype
+            )
+        return out
+
+    def call(
+        self, inputs: Mapping[str, torch.Tensor], variant: Variant | str = "default", **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Call the op with ``inputs`` arranged as ``variant`` says, plus ``kwargs`` (mode, ...)."""
+        if isinstance(variant, str):
+            variant = self.variant(variant)
+        args = [inputs[n] for n in variant.positional]
+        kw = {n: inputs[n] for n in variant.keyword}
+        return self.fn(*args, **kw, **dict(variant.kwargs), **kwargs)
+
+
+def _random_tensor(kind: str, shape: tuple[int, ...], gen: torch.Generator, gates: str, positive: bool):
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if kind == "qk":
+        # unit-variance entries; non-negative (a feature map's output) when normalizing
+        return x.abs() + 0.1 if positive else x
+    if kind == "v":
+        return x
+    if kind in ("log_gate", "log_gate_const"):
+        u = torch.rand(shape, generator=gen, dtype=torch.float64)
+        if gates == "near_zero":
+            return -1e-4 * u
+        if gates == "strong":
+            return -(5.0 + 15.0 * u)
+        if kind == "log_gate_const":
+            return -(0.01 + 0.99 * u)
+        return F.logsigmoid(x + 2.0)
+    raise ValueError(f"unknown tensor kind {kind!r}")
+
+
+REGISTRY: dict[str, OpSpec] = {}
+
+
+def register(spec: OpSpec) -> OpSpec:
+    if spec.name in REGISTRY:
+        raise ValueError(f"op {spec.name!r} is already registered")
+    if "reference" not in spec.modes:
+        raise ValueError(f"op {spec.name!r} must have a 'reference' mode (the spec)")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_op(name: str) -> OpSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown op {name!r}; registered: {sorted(REGISTRY)}") from None
+
+
+def list_ops() -> list[OpSpec]:
+    return [REGISTRY[n] for n in sorted(REGISTRY)]
+
+
+def _chunked_linear_flops(mode: str, K: int, V: int, C: int) -> int:
+    """Per token and head: chunk form does q k^T (2CK), scores v (2CV), q S (2KV), k^T v (2KV);
+    the step form does the outer product and the read (4KV)."""
+    if mode == "chunk":
+        return 2 * C * K + 2 * C * V + 4 * K * V
+    return 4 * K * V
+
+
+QKV = {
+    "q": TensorSpec(dims=("B", "T", "H", "K"), kind="qk"),
+    "k": TensorSpec(dims=("B", "T", "H", "K"), kind="qk"),
+    "v": TensorSpec(dims=("B", "T", "H", "V"), kind="v"),
+}
+MODES = ("reference", "chunk", "recurrent")
+STATE = ("N", "H", "K", "V")
+
+register(
+    OpSpec(
+        name="linear_attn",
+        fn=ops.linear_attn,
+        tensors=QKV,
+        variants=(
+            Variant(name="default", positional=("q", "k", "v")),
+            Variant(
+                name="normalize",
+                positional=("q", "k", "v"),
+                kwargs=MappingProxyType({"normalize": True}),
+                positive_qk=True,
+                state_v_extra=1,
+            ),
+            Variant(
+                name="noncausal",
+                positional=("q", "k", "v"),
+                kwargs=MappingProxyType({"causal": False}),
+                modes=("reference", "chunk"),
+                streaming=False,
+            ),
+        ),
+        modes=MODES,
+        gate="none",
+        state=STATE,
+        paper="Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention (2020)",
+        url="https://arxiv.org/abs/2006.16236",
+        summary="S_t = S_{t-1} + k_t v_t^T; o_t = scale * S_t^T q_t",
+        flops_per_token=_chunked_linear_flops,
+    )
+)
+
+register(
+    OpSpec(
+        name="simple_gla",
+        fn=ops.simple_gla,
+        tensors={
+            **QKV,
+            "g": TensorSpec(dims=("B", "T", "H"), kind="log_gate"),
+            "g_gamma": TensorSpec(dims=("H",), kind="log_gate_const"),
+        },
+        variants=(
+            Variant(name="default", positional=("q", "k", "v", "g")),
+            Variant(name="g_gamma", positional=("q", "k", "v"), keyword=("g_gamma",)),
+        ),
+        modes=MODES,
+        gate="scalar",
+        state=STATE,
+        paper="RetNet (2023) / Lightning Attention-2 (2024) / Mamba-2 SSD (2024)",
+        url="https://arxiv.org/abs/2401.04658",
+        summary="S_t = exp(g_t) S_{t-1} + k_t v_t^T, g_t scalar per head; o_t = scale * S_t^T q_t",
+        flops_per_token=_chunked_linear_flops,
+    )
+)
+
+register(
+    OpSpec(
+        name="gla",
+        fn=ops.gla,
+        tensors={**QKV, "g": TensorSpec(dims=("B", "T", "H", "K"), kind="log_gate")},
+        variants=(Variant(name="default", positional=("q", "k", "v", "g")),),
+        modes=MODES,
+        gate="vector",
+        state=STATE,
+        paper="Gated Linear Attention Transformers with Hardware-Efficient Training (2023)",
+        url="https://arxiv.org/abs/2312.06635",
+        summary="S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T, g_t in R^K; o_t = scale * S_t^T q_t",
+        flops_per_token=_chunked_linear_flops,
+    )
+)
