@@ -30,11 +30,16 @@ class TensorSpec:
     """One tensor input: its dims (letters of the legend) and what kind of values it holds.
 
     ``kind``: ``"qk"`` (queries/keys), ``"v"`` (values), ``"log_gate"`` (natural-log decay <= 0),
-    ``"log_gate_const"`` (a per-head constant log-decay).
+    ``"log_gate_const"`` (a per-head constant log-decay), ``"unit"`` (L2-normalized over the last
+    dim), ``"beta"`` (in (0, 1)), ``"beta2"`` (in (0, 2), negative eigenvalues), ``"positive"``
+    (softplus of a normal). Dims are letters of the legend; an op without heads may map its own
+    dims onto them (e.g. a selective scan's ``D_inner`` onto ``V`` and ``N`` onto ``K``) and say so.
+    ``make(shape, generator, gates) -> float64 tensor`` overrides ``kind`` for unusual inputs.
     """
 
     dims: tuple[str, ...]
     kind: str
+    make: Callable[[tuple[int, ...], torch.Generator, str], torch.Tensor] | None = None
 
     @property
     def legend(self) -> str:
@@ -88,6 +93,12 @@ class OpSpec:
         summary: the recurrence in one line.
         flops_per_token: ``f(mode, K, V, chunk_size) -> int``, matmul-equivalent FLOPs one token of
             one head costs in that mode (used for GFLOP/s in the speed benchmark).
+        prepare: optional ``prepare(inputs, generator) -> inputs`` run on the float64 inputs after
+            they are built, for joint constraints between inputs (e.g. RWKV-7's ``a`` and ``b``).
+        flops: optional ``f(mode, dims) -> int`` total FLOPs of one call, overriding
+            ``flops_per_token`` (dims: B, T, H, K, V, C), for ops whose cost is not per head.
+        fixed_dims: sizes of op-specific dim letters used in ``tensors`` or ``state`` beyond
+            B, T, H, K, V, N (e.g. ``{"M": 4}`` memories), fixed for tests and benchmarks.
     """
 
     name: str
@@ -101,6 +112,16 @@ class OpSpec:
     url: str
     summary: str
     flops_per_token: Callable[[str, int, int, int], int]
+    prepare: Callable[[dict[str, torch.Tensor], torch.Generator], dict[str, torch.Tensor]] | None = None
+    flops: Callable[[str, Mapping[str, int]], int] | None = None
+    fixed_dims: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+    def total_flops(self, mode: str, *, B: int, T: int, H: int, K: int, V: int, chunk_size: int = 64) -> int:
+        """FLOPs of one forward call: ``flops(mode, dims)`` when the op gives it, else
+        ``flops_per_token(mode, K, V, chunk_size) * B * T * H``."""
+        if self.flops is not None:
+            return int(self.flops(mode, {"B": B, "T": T, "H": H, "K": K, "V": V, "C": chunk_size}))
+        return int(self.flops_per_token(mode, K, V, chunk_size)) * B * T * H
 
     def variant(self, name: str = "default") -> Variant:
         for var in self.variants:
@@ -113,7 +134,7 @@ class OpSpec:
 
     def state_shape(self, N: int, H: int, K: int, V: int, variant: Variant | None = None) -> tuple[int, ...]:
         extra = variant.state_v_extra if variant is not None else 0
-        sizes = {"N": N, "H": H, "K": K, "V": V + extra}
+        sizes = {**self.fixed_dims, "N": N, "H": H, "K": K, "V": V + extra}
         return tuple(sizes[d] for d in self.state)
 
     def state_bytes_per_sequence(self, H: int, K: int, V: int) -> int:
@@ -143,15 +164,18 @@ class OpSpec:
         if gates not in GATE_REGIMES:
             raise ValueError(f"gates must be one of {GATE_REGIMES}, got {gates!r}")
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        sizes = {"B": B, "T": T, "H": H, "K": K, "V": V}
+        sizes = {**self.fixed_dims, "B": B, "T": T, "H": H, "K": K, "V": V}
         out = {}
         for name in variant.tensor_names:
             spec = self.tensors[name]
             shape = tuple(sizes[d] for d in spec.dims)
-            out[name] = _random_tensor(spec.kind, shape, gen, gates, variant.positive_qk).to(
-                device=device, dtype=dtype
-            )
-        return out
+            if spec.make is not None:
+                out[name] = spec.make(shape, gen, gates)
+            else:
+                out[name] = _random_tensor(spec.kind, shape, gen, gates, variant.positive_qk)
+        if self.prepare is not None:
+            out = self.prepare(out, gen)
+        return {name: t.to(device=device, dtype=dtype) for name, t in out.items()}
 
     def call(
         self, inputs: Mapping[str, torch.Tensor], variant: Variant | str = "default", **kwargs: Any
@@ -171,6 +195,14 @@ def _random_tensor(kind: str, shape: tuple[int, ...], gen: torch.Generator, gate
         return x.abs() + 0.1 if positive else x
     if kind == "v":
         return x
+    if kind == "unit":
+        return F.normalize(x, dim=-1)
+    if kind == "beta":
+        return torch.sigmoid(x)
+    if kind == "beta2":
+        return 2.0 * torch.sigmoid(x)
+    if kind == "positive":
+        return F.softplus(x)
     if kind in ("log_gate", "log_gate_const"):
         u = torch.rand(shape, generator=gen, dtype=torch.float64)
         if gates == "near_zero":
