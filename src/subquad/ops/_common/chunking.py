@@ -4,7 +4,7 @@ Shape legend: B batch, T time, H heads, D head dim, C chunk, n chunks, L segment
 
 The chunked forms walk the sequence in *segments* of a few chunks: all chunks of a segment are
 handled by batched matmuls, and the state is carried from one segment to the next. A segment's
-working set is sized to stay in the per-core caches (about 512 KiB per input tensor); processing
+working set is sized to stay in the caches (about 1 MiB per input tensor); processing
 the whole sequence at once instead allocates tensors of hundreds of MB whose first touch
 (page faults) and cache misses made per-token time grow with T. See ``ops/simple_gla/README.md``.
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# elements of one input tensor per segment: 2**17 float32 = 512 KiB
-SEGMENT_ELEMENTS = 1 << 17
+# elements of one input tensor per segment: 2**18 float32 = 1 MiB (measured best of 2**16..2**19)
+SEGMENT_ELEMENTS = 1 << 18
 
 # Largest log-decay (nats) within one chunk for which float32 cumulative sums and factored
 # exponentials are used. Past it, cumulative log-decays reach magnitudes where float32 loses the
@@ -57,3 +57,50 @@ def to_chunks(x: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Ten
 def causal_mask(chunk_size: int, device: torch.device, strict: bool = False) -> torch.Tensor:
     """``[C, C]`` bool, True where key j may be seen by query i (j <= i, or j < i when strict)."""
     return torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=device).tril(-1 if strict else 0)
+
+
+class SegmentOutputs:
+    """Collects each segment's ``[B, H, L, V]`` output into one ``[B, T, H, V]`` tensor.
+
+    Without autograd the output is allocated once and each segment is copied into place (and
+    cast to the output dtype) as soon as it is computed, so the segment buffers are recycled by the
+    allocator; holding every segment until a final ``cat`` kept a second copy of the output alive
+    and made per-token time grow with T. With autograd the pieces are concatenated at the end
+    (an in-place copy into a shared buffer would make backward clone the whole gradient once per
+    segment).
+    """
+
+    def __init__(self, B: int, T: int, H: int, V: int, dtype: torch.dtype, device: torch.device, grad: bool):
+        self.grad = grad
+        self.T = T
+        self.pieces: list[torch.Tensor] = []
+        self.out = None if grad else torch.empty(B, T, H, V, dtype=dtype, device=device)
+        self.dtype = dtype
+
+    def add(self, start: int, o: torch.Tensor) -> None:
+        """``o [B, H, L, V]``: the output of tokens ``start .. start + L`` (may run past T: padding)."""
+        piece = o.transpose(1, 2)  # [B, L, H, V]
+        if self.grad:
+            self.pieces.append(piece)
+            return
+        end = min(start + piece.shape[1], self.T)
+        if end > start:
+            self.out[:, start:end].copy_(piece[:, : end - start])
+
+    def result(self) -> torch.Tensor:
+        if not self.grad:
+            return self.out
+        return torch.cat(self.pieces, 1)[:, : self.T].to(self.dtype)
+
+
+def batched_qk(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b^T`` over the leading dims of contiguous ``[.., M, D]`` and ``[.., N, D]``, as one ``bmm``
+    on 3-d views (``torch.matmul`` on 5-d operands with a transposed one copied it first)."""
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]).transpose(1, 2))
+    return out.view(*a.shape[:-1], b.shape[-2])
+
+
+def batched_kv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^T @ b`` over the leading dims of contiguous ``[.., C, K]`` and ``[.., C, V]``: ``[.., K, V]``."""
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]).transpose(1, 2), b.reshape(-1, *b.shape[-2:]))
+    return out.view(*a.shape[:-2], a.shape[-1], b.shape[-1])

@@ -25,7 +25,9 @@ times the work of the matmuls. Most gates decay far less than 88 nats within a c
 the decay over every chunk of a segment stays under ``SAFE_SPAN`` nats the chunk is factored
 once around its midpoint ``r = b_C / 2``: ``exp(b_i - b_j) = exp(b_i - r) * exp(r - b_j)`` with
 both exponents in ``[-SAFE_SPAN / 2, SAFE_SPAN / 2]``, far from float32's limits (the factors stay
-below e^30 ~ 1e13), and the scores are one matmul. Segments with a larger decay take the
+below e^30 ~ 1e13), and the scores are one matmul. The leftover per-chunk factors ``exp(r)`` (the
+query's) and ``exp(b_C - r)`` (the keys') are applied to the ``[K, V]`` states in the state pass,
+so q and k are each rescaled once. Segments with a larger decay take the
 secondary-chunking path; both are exact up to rounding.
 """
 
@@ -35,6 +37,9 @@ import torch
 
 from subquad.ops._common.chunking import (
     SAFE_SPAN,
+    SegmentOutputs,
+    batched_kv,
+    batched_qk,
     causal_mask,
     pad_time,
     segment_length,
@@ -105,7 +110,8 @@ def chunk_gla(
     L = segment_length(B * H, max(K, V), C)
     S = initial_state.to(cd) if initial_state is not None else torch.zeros(B, H, K, V, dtype=cd, device=dev)
     scaled_mask = causal_mask(C, dev).to(cd) * scale
-    outs = []
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, S))
+    outs = SegmentOutputs(B, T, H, V, q.dtype, dev, grad)
     for s in range(0, Tp, L):
         e = min(s + L, Tp)
         n = (e - s) // C
@@ -113,13 +119,16 @@ def chunk_gla(
         bc = gc.cumsum(-2)
         last = bc[..., -1:, :]  # [B, H, n, 1, K] decay over each chunk
         if -float(last.detach().min()) <= SAFE_SPAN:
-            # 1a. moderate decay: factor every chunk around its midpoint r = b_C / 2
+            # 1a. moderate decay: factor every chunk around its midpoint r = b_C / 2. The query
+            # then needs exp(r) and each key exp(b_C - r) more: per-chunk [K] factors that are
+            # applied to the small [K, V] states in the state pass instead of to q and k
             r = last * 0.5
             E = (bc - r).exp()  # within [e^-30, e^30]
-            k_in = kc / E
-            scores = torch.matmul(qc * E, k_in.transpose(-1, -2)) * scaled_mask
-            q_out = qc * E * (r.exp() * scale)  # scale * q_i * exp(b_i)
-            k_out = k_in * (last - r).exp()  # k_j * exp(b_C - b_j)
+            q_out = qc * E  # q_i * exp(b_i - r)
+            k_out = kc / E  # k_j * exp(r - b_j)
+            scores = batched_qk(q_out, k_out) * scaled_mask
+            read = (r.exp() * scale).transpose(-1, -2)  # [B, H, n, K, 1]
+            write = (last - r).exp().transpose(-1, -2)
         else:
             # 1b. strong decay somewhere in the segment: secondary chunking, no overflow possible.
             # b reaches thousands of nats here: accumulate it in float64 so the differences of
@@ -127,20 +136,25 @@ def chunk_gla(
             bc = to_chunks(g[:, s:e], C, torch.float64).cumsum(-2)
             last = bc[..., -1:, :]
             scores = intra_chunk_scores(qc, kc, bc, c) * scale
-            q_out = qc * bc.to(cd).exp() * scale
+            q_out = qc * bc.to(cd).exp()
             k_out = kc * (last - bc).to(cd).exp()
-        # 2. each chunk's contribution to the state at its end
-        U = torch.matmul(k_out.transpose(-1, -2), vc)  # [B, H, n, K, V]
-        # 3. inter-chunk state pass, sequential over the segment's chunks
+            read = torch.full((1, 1, n, 1, 1), scale, dtype=cd, device=dev)
+            write = None
+        # 2. each chunk's contribution to the state at its end (up to the factor `write`)
+        U = batched_kv(k_out, vc)  # [B, H, n, K, V]
+        # 3. inter-chunk state pass, sequential over the segment's chunks; each chunk reads the
+        # state entering it scaled by `read`
         chunk_decay = last.squeeze(-2).to(cd).exp().unsqueeze(-1)  # [B, H, n, K, 1]
         states = []
         for i in range(n):
-            states.append(S)
-            S = chunk_decay[:, :, i] * S + U[:, :, i]
+            states.append(S * read[:, :, i])
+            if write is None:
+                S = chunk_decay[:, :, i] * S + U[:, :, i]
+            else:
+                S = torch.addcmul(chunk_decay[:, :, i] * S, write[:, :, i], U[:, :, i])
         S_prev = torch.stack(states, 2)  # [B, H, n, K, V]
         # 4. output: intra-chunk scores @ v, plus (accumulated by the same gemm) the carried state
         o = torch.matmul(scores, vc).view(-1, C, V)
         o = torch.baddbmm(o, q_out.reshape(-1, C, K), S_prev.view(-1, K, V))
-        outs.append(o.view(B, H, e - s, V).transpose(1, 2))
-    o = torch.cat(outs, 1)[:, :T].to(q.dtype)
-    return o, (S if output_final_state else None)
+        outs.add(s, o.view(B, H, e - s, V))
+    return outs.result(), (S if output_final_state else None)
