@@ -8,7 +8,9 @@ import torch
 
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", help="device for op tests: cpu (default) or cuda")
-    parser.addoption("--run-slow", action="store_true", default=False, help="also run @pytest.mark.slow tests")
+    parser.addoption(
+        "--run-slow", action="store_true", default=False, help="also run @pytest.mark.slow tests"
+    )
 
 
 def pytest_collection_modifyitems(config, items):

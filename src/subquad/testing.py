@@ -62,7 +62,9 @@ def assert_close(
     if actual is None or expected is None:
         if actual is None and expected is None:
             return
-        raise AssertionError(f"{name}: one side is None (actual={actual is None}, expected={expected is None})")
+        raise AssertionError(
+            f"{name}: one side is None (actual={actual is None}, expected={expected is None})"
+        )
     if tuple(actual.shape) != tuple(expected.shape):
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
     if not bool(torch.isfinite(actual).all()):
@@ -120,7 +122,10 @@ def run_with_grads(
         loss = loss + (final * dS).sum()
     leaves = [*inputs.values()] + ([initial_state] if initial_state is not None else [])
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    out: dict[str, torch.Tensor | None] = {"o": o.detach(), "final_state": None if final is None else final.detach()}
+    out: dict[str, torch.Tensor | None] = {
+        "o": o.detach(),
+        "final_state": None if final is None else final.detach(),
+    }
     for name, g in zip([*inputs.keys()], grads, strict=False):
         out[f"grad_{name}"] = g
     if initial_state is not None:

@@ -45,7 +45,8 @@ def test_tensor_inputs(spec, var, mode):
         t = good[name]
         wrong = t[..., :-1] if name != "v" else t[:, :-1]
         if t.shape[-1] > 1 and wrong.shape != t.shape:
-            _raises(ValueError, name if name != "q" else "k|q", spec, var, dict(good, **{name: wrong}), mode=mode)
+            bad = dict(good, **{name: wrong})
+            _raises(ValueError, name if name != "q" else "k|q", spec, var, bad, mode=mode)
     # 5. dtypes that do not match q's
     good = _inputs(spec, var)
     for name in var.tensor_names:
@@ -55,7 +56,10 @@ def test_tensor_inputs(spec, var, mode):
         _raises(TypeError, "dtype", spec, var, bad, mode=mode)
 
 
-@pytest.mark.parametrize(("spec", "var"), [pytest.param(s, v, id=f"{s.name}-{v.name}") for s in list_ops() for v in s.variants])
+ALL_VARIANTS = [pytest.param(s, v, id=f"{s.name}-{v.name}") for s in list_ops() for v in s.variants]
+
+
+@pytest.mark.parametrize(("spec", "var"), ALL_VARIANTS)
 def test_positive_log_gates(spec, var):
     for name in var.tensor_names:
         if not spec.tensors[name].kind.startswith("log_gate"):
@@ -90,9 +94,13 @@ def test_cu_seqlens(spec, var):
 def test_initial_state(spec, var):
     inputs = _inputs(spec, var)
     shape = spec.state_shape(1, 2, 4, 4, var)
-    _raises(ValueError, "initial_state", spec, var, inputs, initial_state=torch.zeros(*shape[:-1], shape[-1] + 1))
-    _raises(ValueError, "initial_state", spec, var, inputs, initial_state=torch.zeros(2, *shape[1:]))
-    _raises(TypeError, "initial_state", spec, var, inputs, initial_state=torch.zeros(shape, dtype=torch.int32))
+    bad_states = [
+        (ValueError, torch.zeros(*shape[:-1], shape[-1] + 1)),
+        (ValueError, torch.zeros(2, *shape[1:])),
+        (TypeError, torch.zeros(shape, dtype=torch.int32)),
+    ]
+    for exc, bad in bad_states:
+        _raises(exc, "initial_state", spec, var, inputs, initial_state=bad)
     # with packed sequences N is the number of sequences, not B
     cu = torch.tensor([0, 4, 12])
     _raises(ValueError, "initial_state", spec, var, inputs, cu_seqlens=cu, initial_state=torch.zeros(shape))
@@ -131,5 +139,5 @@ def test_simple_gla_gate_choice():
 
 def test_linear_attn_noncausal_recurrent_is_refused():
     x = subquad.registry.get_op("linear_attn").make_inputs("default", B=1, T=8, H=2, K=4, V=4)
-    with pytest.raises(ValueError, match="recurrent.*causal"):
+    with pytest.raises(ValueError, match=r"recurrent.*causal"):
         subquad.ops.linear_attn(x["q"], x["k"], x["v"], mode="recurrent", causal=False)

@@ -7,6 +7,8 @@ packed sequences; edge shapes; extreme gates. A new op is covered by its registr
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -59,16 +61,21 @@ def test_low_precision_against_float64(spec, var, mode, dtype, device):
 
 
 @pytest.mark.parametrize(("spec", "var", "mode"), MODE_CASES)
-@pytest.mark.parametrize("splits", [(1,), (17, 28), (40, 41, 60)], ids=lambda s: "split" + "-".join(map(str, s)))
+@pytest.mark.parametrize(
+    "splits", [(1,), (17, 28), (40, 41, 60)], ids=lambda s: "split" + "-".join(map(str, s))
+)
 def test_streaming_split_equals_one_call(spec, var, mode, splits, device):
     if not var.streaming:
         pytest.skip(f"{spec.name}/{var.name} is not causal: a prefix cannot be computed alone")
     T = 63
-    inputs, state = differentiable_inputs(spec, var, B=2, T=T, H=2, K=8, V=8, dtype=torch.float64, device=device)
-    whole, whole_state = spec.call(inputs, var, mode=mode, initial_state=state, output_final_state=True, chunk_size=16)
+    dims = dict(B=2, T=T, H=2, K=8, V=8, dtype=torch.float64, device=device)
+    inputs, state = differentiable_inputs(spec, var, **dims)
+    whole, whole_state = spec.call(
+        inputs, var, mode=mode, initial_state=state, output_final_state=True, chunk_size=16
+    )
     bounds = [0, *splits, T]
     outs, carried = [], state
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in itertools.pairwise(bounds):
         piece = {n: (t[:, a:b] if t.dim() >= 3 else t) for n, t in inputs.items()}
         o, carried = spec.call(
             piece, var, mode=mode, initial_state=carried, output_final_state=True, chunk_size=16
@@ -78,9 +85,10 @@ def test_streaming_split_equals_one_call(spec, var, mode, splits, device):
     assert_close(carried, whole_state, torch.float64, name="streamed final state")
 
 
-@pytest.mark.parametrize(("spec", "var", "mode"), [*MODE_CASES, *[
-    pytest.param(s, v, "reference", id=f"{s.name}-{v.name}-reference") for s, v in CASES
-]])
+@pytest.mark.parametrize(
+    ("spec", "var", "mode"),
+    [*MODE_CASES, *[pytest.param(s, v, "reference", id=f"{s.name}-{v.name}-reference") for s, v in CASES]],
+)
 def test_packed_sequences_equal_separate_calls(spec, var, mode, device):
     lengths = [5, 1, 20, 19]
     T = sum(lengths)
@@ -131,7 +139,9 @@ def test_long_sequence_float32(spec, var, mode, device):
     with torch.no_grad():
         o, s = spec.call(inputs, var, mode=mode, initial_state=state, output_final_state=True)
         inputs64 = {n: t.to(torch.float64) for n, t in inputs.items()}
-        ro, rs = spec.call(inputs64, var, mode="reference", initial_state=state.double(), output_final_state=True)
+        ro, rs = spec.call(
+            inputs64, var, mode="reference", initial_state=state.double(), output_final_state=True
+        )
     assert_close(o, ro, torch.float32, name="long-T output")
     assert_close(s, rs, torch.float32, name="long-T final state")
 

@@ -9,6 +9,7 @@ naming the argument, what was expected and what was received. Nothing is clamped
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -97,7 +98,9 @@ def check_log_gate(name: str, g: torch.Tensor) -> None:
     """Log-space gates must be <= 0 (a decay factor exp(g) in (0, 1])."""
     # one reduction: a `(g > 0).any()` would allocate a bool tensor as large as g (10x slower)
     if g.numel() and (top := float(g.detach().max())) > 0:
-        raise ValueError(f"{name} holds natural-log decay values and must be <= 0 everywhere, got max {top:.4g}")
+        raise ValueError(
+            f"{name} holds natural-log decay values and must be <= 0 everywhere, got max {top:.4g}"
+        )
 
 
 def check_mode(mode: str, modes: Sequence[str]) -> None:
@@ -128,19 +131,23 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int, device: to
     if cu_seqlens is None:
         return B
     if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be an int64 torch.Tensor of shape [N + 1], got {type(cu_seqlens).__name__}")
+        raise TypeError(
+            f"cu_seqlens must be an int64 torch.Tensor of shape [N + 1], got {type(cu_seqlens).__name__}"
+        )
     if cu_seqlens.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"cu_seqlens must have dtype int64 (or int32), got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must have shape [N + 1] with N >= 1, got {_fmt(cu_seqlens.shape)}")
     if B != 1:
-        raise ValueError(f"with cu_seqlens the batch size B must be 1 (sequences packed along T), got B = {B}")
+        raise ValueError(
+            f"with cu_seqlens the batch size B must be 1 (sequences packed along T), got B = {B}"
+        )
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
     if offsets[-1] != T:
         raise ValueError(f"cu_seqlens must end at T = {T}, got {offsets[-1]}")
-    for a, b in zip(offsets[:-1], offsets[1:], strict=True):
+    for a, b in itertools.pairwise(offsets):
         if b <= a:
             raise ValueError(f"cu_seqlens must be strictly increasing (no empty sequences), got {offsets}")
     return len(offsets) - 1
@@ -152,9 +159,13 @@ def check_initial_state(
     if initial_state is None:
         return
     if not isinstance(initial_state, torch.Tensor):
-        raise TypeError(f"initial_state must be a torch.Tensor of shape {legend}, got {type(initial_state).__name__}")
+        raise TypeError(
+            f"initial_state must be a torch.Tensor of shape {legend}, got {type(initial_state).__name__}"
+        )
     if initial_state.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"initial_state must be a floating tensor (float32 expected), got {initial_state.dtype}")
+        raise TypeError(
+            f"initial_state must be a floating tensor (float32 expected), got {initial_state.dtype}"
+        )
     check_shape("initial_state", initial_state, expected, legend)
     if initial_state.device != device:
         raise ValueError(f"initial_state is on {initial_state.device} but q is on {device}; they must match")

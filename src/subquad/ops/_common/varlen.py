@@ -10,13 +10,15 @@ writes nothing), so padding changes neither the outputs of real tokens nor the f
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
 def seq_bounds(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
     """``[(start, end), ...]`` of each packed sequence."""
     offsets = cu_seqlens.tolist()
-    return list(zip(offsets[:-1], offsets[1:], strict=True))
+    return list(itertools.pairwise(offsets))
 
 
 def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,8 @@ def intra_chunk_scores(qc: torch.Tensor, kc: torch.Tensor, bc: torch.Tensor, c: 
     dt = qc.dtype  # exponents may come in float64; the weights are formed in the compute dtype
     q_hat = qs * (bs - r.unsqueeze(-2)).to(dt).exp()  # [.., m, c, K]
     earlier = torch.arange(C, device=dev)[None, :] < (torch.arange(m, device=dev)[:, None] * c)  # [m, C]
-    expo = (r.unsqueeze(-2) - bc.unsqueeze(-3)).masked_fill(~earlier[..., None], float("-inf"))  # [.., m, C, K]
+    # [.., m, C, K]: key j rescaled for query sub-chunk I, zero where j is not earlier
+    expo = (r.unsqueeze(-2) - bc.unsqueeze(-3)).masked_fill(~earlier[..., None], float("-inf"))
     k_hat = kc.unsqueeze(-3) * expo.to(dt).exp()
     scores = torch.matmul(q_hat, k_hat.transpose(-1, -2))  # [.., m, c, C]
     # 3. inside each sub-chunk: the weights formed directly, j <= i

@@ -64,7 +64,9 @@ def linear_attn(
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if not causal and mode == "recurrent":
-        raise ValueError("mode='recurrent' is causal by definition; use mode='chunk' or 'reference' with causal=False")
+        raise ValueError(
+            "mode='recurrent' is causal by definition; use mode='chunk' or 'reference' with causal=False"
+        )
     N = val.check_cu_seqlens(cu_seqlens, B, T, q.device)
     state_v = V + 1 if normalize else V
     val.check_initial_state(

@@ -59,7 +59,9 @@ def simple_gla(
     val.check_chunk_size(chunk_size)
     scale = val.resolve_scale(scale, K)
     if g is None and g_gamma is None:
-        raise ValueError("simple_gla needs a decay: pass g [B, T, H] or g_gamma [H] (use linear_attn for none)")
+        raise ValueError(
+            "simple_gla needs a decay: pass g [B, T, H] or g_gamma [H] (use linear_attn for none)"
+        )
     if g is not None and g_gamma is not None:
         raise ValueError("pass either g [B, T, H] or g_gamma [H] to simple_gla, not both")
     if g is not None:
@@ -82,7 +84,10 @@ def simple_gla(
     if cu_seqlens is not None and g_gamma is not None:
         # padded rows must not decay: write the constant decay out per token, padded with zeros
         g, g_gamma = g_gamma.to(q.dtype).expand(B, T, H), None
-    common = dict(g_gamma=g_gamma, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    common = dict(
+        g_gamma=g_gamma, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+    )
+    tensors = dict(q=q, k=k, v=v, g=g)
     if mode == "chunk":
-        return run_padded(chunk_scalar_decay, dict(q=q, k=k, v=v, g=g), cu_seqlens, chunk_size=chunk_size, **common)
-    return run_padded(recurrent_scalar_decay, dict(q=q, k=k, v=v, g=g), cu_seqlens, **common)
+        return run_padded(chunk_scalar_decay, tensors, cu_seqlens, chunk_size=chunk_size, **common)
+    return run_padded(recurrent_scalar_decay, tensors, cu_seqlens, **common)
