@@ -113,10 +113,14 @@ def chunk_gla(
     scaled_mask = causal_mask(C, dev).to(cd) * scale
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, S))
     outs = SegmentOutputs(B, T, H, V, q.dtype, dev, grad)
-    for s in range(0, Tp, L):
+    # split once: slicing x[:, s:e] per segment would make backward build a full-size zero
+    # gradient per slice, O(T^2 / L) work
+    pieces = [x.split(L, 1) for x in (q, k, v, g)]
+    for seg, s in enumerate(range(0, Tp, L)):
         e = min(s + L, Tp)
         n = (e - s) // C
-        qc, kc, vc, gc = (to_chunks(x[:, s:e], C, cd) for x in (q, k, v, g))  # [B, H, n, C, D]
+        q_s, k_s, v_s, g_s = (p[seg] for p in pieces)
+        qc, kc, vc, gc = (to_chunks(x, C, cd) for x in (q_s, k_s, v_s, g_s))  # [B, H, n, C, D]
         bc = gc.cumsum(-2)
         last = bc[..., -1:, :]  # [B, H, n, 1, K] decay over each chunk
         if -float(last.detach().min()) <= SAFE_SPAN:
@@ -134,7 +138,7 @@ def chunk_gla(
             # 1b. strong decay somewhere in the segment: secondary chunking, no overflow possible.
             # b reaches thousands of nats here: accumulate it in float64 so the differences of
             # nearby tokens, which carry all the weight, keep float32 accuracy
-            bc = to_chunks(g[:, s:e], C, torch.float64).cumsum(-2)
+            bc = to_chunks(g_s, C, torch.float64).cumsum(-2)
             last = bc[..., -1:, :]
             scores = intra_chunk_scores(qc, kc, bc, c) * scale
             q_out = qc * bc.to(cd).exp()

@@ -25,9 +25,10 @@ def recurrent_gla(
     V = v.shape[-1]
     cd = state_dtype(q.dtype)
     S = initial_state.to(cd) if initial_state is not None else q.new_zeros(B, H, K, V, dtype=cd)
-    # time-major copies so each step reads contiguous [B, H, D] slices
-    qt, kt, vt = (x.to(cd).transpose(0, 1).contiguous() for x in (q, k, v))
-    decay = g.to(cd).exp().transpose(0, 1).unsqueeze(-1)  # [T, B, H, K, 1]
+    # contiguous time-major steps, split by unbind: indexing x[t] per step would make backward build a
+    # full-size zero gradient per step, O(T^2)
+    qt, kt, vt = (x.to(cd).transpose(0, 1).contiguous().unbind(0) for x in (q, k, v))
+    decay = g.to(cd).exp().transpose(0, 1).unsqueeze(-1).unbind(0)  # T x [B, H, K, 1]
     outs = []
     for t in range(T):
         S = decay[t] * S + kt[t].unsqueeze(-1) * vt[t].unsqueeze(-2)

@@ -27,11 +27,12 @@ def recurrent_scalar_decay(
     V = v.shape[-1]
     cd = state_dtype(q.dtype)
     S = initial_state.to(cd) if initial_state is not None else q.new_zeros(B, H, K, V, dtype=cd)
-    # time-major copies so each step reads contiguous [B, H, D] slices
-    qt, kt, vt = (x.to(cd).transpose(0, 1).contiguous() for x in (q, k, v))
+    # contiguous time-major steps, split by unbind: indexing x[t] per step would make backward build a
+    # full-size zero gradient per step, O(T^2)
+    qt, kt, vt = (x.to(cd).transpose(0, 1).contiguous().unbind(0) for x in (q, k, v))
     decay = None
     if g is not None:
-        decay = g.to(cd).exp().transpose(0, 1)[..., None, None]  # [T, B, H, 1, 1]
+        decay = g.to(cd).exp().transpose(0, 1)[..., None, None].unbind(0)  # T x [B, H, 1, 1]
     elif g_gamma is not None:
         const = g_gamma.to(cd).exp()[:, None, None]  # [H, 1, 1]
     outs = []

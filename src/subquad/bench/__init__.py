@@ -1,0 +1,1 @@
+"""Benchmarks: timing, memory and FLOP harness (``subquad bench ...``)."""

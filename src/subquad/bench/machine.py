@@ -1,0 +1,145 @@
+"""Machine facts recorded with every benchmark: hardware, versions, load, measured matmul peak,
+and a peak-memory probe that works on CPU (where torch keeps no allocator statistics)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+import subquad
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        out = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "subquad": subquad.__version__,
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 7) -> float:
+    """Median GFLOP/s of an ``n x n`` matmul in ``dtype``: the denominator of 'fraction of peak'."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(repeats + 2):
+        synchronize(device)
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        synchronize(device)
+        if i >= 2:  # two warmups
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+class PeakMemory:
+    """Peak memory of a call above what was held just before it.
+
+    CPU: the process's resident-set high-water mark (``VmHWM``), reset by writing ``5`` to
+    ``/proc/self/clear_refs`` after ``malloc_trim(0)`` hands freed heap back to the OS; so it
+    counts every byte the call touched, torch's or not. CUDA: the caching allocator's peak.
+    ``available`` is False (and ``reason`` says why) where neither works.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.available = True
+        self.reason = ""
+        self._libc = None
+        if device.type == "cuda":
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._read("VmHWM")
+            self._libc = ctypes.CDLL("libc.so.6")
+        except OSError as err:
+            self.available = False
+            self.reason = f"no /proc peak-RSS reset on this system ({err})"
+
+    @staticmethod
+    def _read(field: str) -> int:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"{field}:\s+(\d+) kB", f.read())
+        if match is None:
+            raise OSError(f"{field} missing from /proc/self/status")
+        return int(match.group(1)) * 1024
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[dict]:
+        """``with probe.measure() as m: ...``; afterwards ``m["bytes"]`` holds the peak (or None)."""
+        result: dict = {"bytes": None}
+        if not self.available:
+            yield result
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield result
+            torch.cuda.synchronize(self.device)
+            result["bytes"] = torch.cuda.max_memory_allocated(self.device) - base
+            return
+        self._libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = self._read("VmRSS")
+        yield result
+        result["bytes"] = max(0, self._read("VmHWM") - base)
+
+
+def measure_peak(fn: Callable[[], object], probe: PeakMemory) -> int | None:
+    with probe.measure() as m:
+        out = fn()
+        del out
+    return m["bytes"]

@@ -1,0 +1,111 @@
+"""The ``subquad`` command line: ``subquad list``, ``subquad bench speed``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from subquad.registry import list_ops
+
+
+def _csv(cast):
+    def parse(text: str):
+        try:
+            return tuple(cast(x) for x in text.split(",") if x.strip())
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from err
+
+    return parse
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    print(f"{'op':<14}{'modes':<28}{'variants':<30}{'gate':<9}{'state':<16}{'state/seq':>10}  paper")
+    for spec in list_ops():
+        variants = ",".join(v.name for v in spec.variants)
+        state = "[" + ", ".join(spec.state) + "]"
+        kib = spec.state_bytes_per_sequence(H=8, K=64, V=64) / 1024
+        print(
+            f"{spec.name:<14}{','.join(spec.modes):<28}{variants:<30}{spec.gate:<9}{state:<16}"
+            f"{kib:>7.0f} KiB  {spec.paper} <{spec.url}>"
+        )
+    print("state/seq: float32 state of one sequence at H=8, K=V=64 (independent of T)")
+    return 0
+
+
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    from subquad.bench.plot import plot_speed
+    from subquad.bench.speed import SpeedConfig, default_out_dir, format_table, run_speed
+
+    fields = dict(
+        batch=args.batch,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        dtype=args.dtype,
+        ops=args.ops,
+        variants=args.variants,
+        modes=args.modes,
+        backward=not args.no_backward,
+        sdpa_max_len=args.sdpa_max_len,
+        recurrent_max_len=args.recurrent_max_len,
+        backward_max_len_recurrent=args.backward_max_len_recurrent,
+        threads=args.threads,
+        device=args.device,
+        out=args.out or default_out_dir(),
+    )
+    if args.quick:
+        fields.update(seq_lens=(1024, 4096), repeats=3)
+    if args.seq_lens is not None:
+        fields["seq_lens"] = args.seq_lens
+    if args.repeats is not None:
+        fields["repeats"] = args.repeats
+    try:
+        cfg = SpeedConfig(**fields)
+    except ValueError as err:
+        print(f"subquad bench speed: {err}", file=sys.stderr)
+        return 2
+    result = run_speed(cfg, progress=not args.no_progress)
+    print(format_table(result))
+    png = plot_speed(result, os.path.join(cfg.out, "speed.png"))
+    print(f"wrote {os.path.join(cfg.out, 'speed.json')} and {png}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="subquad", description="Sub-quadratic token mixers for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_list = sub.add_parser("list", help="ops in the registry: modes, variants, state size, papers")
+    p_list.set_defaults(func=cmd_list)
+
+    p_bench = sub.add_parser("bench", help="benchmarks")
+    bench = p_bench.add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("speed", help="time/throughput/GFLOP/s/memory of every op and mode vs causal SDPA")
+    p.add_argument("--seq-lens", type=_csv(int), default=None, help="default 1024,4096,16384,65536")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64, help="K = V = head dim")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float64")
+    p.add_argument("--ops", type=_csv(str), default=None, help="comma list of registry ops (default: all)")
+    p.add_argument("--variants", default="default", help="'default' (each op's default variant) or 'all'")
+    p.add_argument("--modes", type=_csv(str), default=("chunk", "recurrent"), help="default chunk,recurrent")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5)")
+    p.add_argument("--no-backward", action="store_true", help="forward only")
+    p.add_argument("--sdpa-max-len", type=int, default=16384, help="longest T for quadratic SDPA")
+    p.add_argument("--recurrent-max-len", type=int, default=65536)
+    p.add_argument("--backward-max-len-recurrent", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="output directory (default results/speed-<UTC time>)")
+    p.add_argument("--quick", action="store_true", help="T = 1K, 4K and 3 repeats")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench_speed)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""The speed benchmark's harness: structure of its results, its config checks, its memory probe.
+
+Benchmarks are not timed tests: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from subquad.bench.machine import PeakMemory, measure_peak
+from subquad.bench.plot import plot_speed
+from subquad.bench.speed import SpeedConfig, format_table, run_speed
+from subquad.registry import list_ops
+
+
+def test_tiny_run_covers_every_op_mode_and_sdpa(tmp_path):
+    cfg = SpeedConfig(
+        seq_lens=(32, 64),
+        heads=2,
+        head_dim=8,
+        repeats=1,
+        sdpa_max_len=32,
+        backward_max_len_recurrent=32,
+        out=str(tmp_path),
+    )
+    result = run_speed(cfg, progress=False)
+    data = json.loads((tmp_path / "speed.json").read_text())
+    assert data["config"]["seq_lens"] == [32, 64]
+    assert data["machine"]["matmul_peak_gflops"] > 0
+    rows = {(r["name"], r["mode"], r["T"]): r for r in data["rows"]}
+    for spec in list_ops():
+        for mode in ("chunk", "recurrent"):
+            for T in (32, 64):
+                r = rows[(spec.name, mode, T)]
+                assert r["fwd_s"] > 0 and r["fwd_gflops"] > 0 and 0 < r["fwd_peak_fraction"]
+                assert r["per_token_vs_shortest"] > 0
+                if mode == "recurrent" and T == 64:
+                    assert "fwdbwd_s" not in r and "backward-max-len-recurrent" in r["backward_skipped"]
+                else:
+                    assert r["fwdbwd_s"] > 0
+    assert "fwd_speedup_vs_sdpa" in rows[("gla", "chunk", 32)]
+    # SDPA past its limit is recorded as skipped with the reason, never dropped
+    assert "sdpa-max-len" in rows[("sdpa", "sdpa", 64)]["skipped"]
+    table = format_table(result)
+    assert "skipped" in table and "gla" in table
+    png = plot_speed(result, os.path.join(tmp_path, "speed.png"))
+    assert os.path.getsize(png) > 1000
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("seq_lens", (0,)),
+        ("heads", 0),
+        ("dtype", "int8"),
+        ("modes", ("fast",)),
+        ("ops", ("no_such_op",)),
+        ("repeats", 0),
+        ("variants", "some"),
+        ("device", "tpu"),
+    ],
+)
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SpeedConfig(**{field: value})
+
+
+def test_peak_memory_probe_sees_a_known_allocation():
+    probe = PeakMemory(torch.device("cpu"))
+    if not probe.available:
+        pytest.skip(probe.reason)
+
+    def allocate():
+        x = torch.ones(64 * 2**18)  # 64 MiB, touched
+        return x.sum()
+
+    peak = measure_peak(allocate, probe)
+    assert 48 * 2**20 <= peak <= 96 * 2**20
