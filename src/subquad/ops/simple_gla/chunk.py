@@ -209,7 +209,7 @@ def chunk_scalar_decay(
             S_prev = SU[..., :n, :] + to_start * S.view(B, H, 1, K * V)
             S = (SU[..., n, :] + whole * S.view(B, H, K * V)).view(B, H, K, V)
         # 4. output: intra-chunk scores @ v, plus (accumulated by the same gemm) the carried state
-        o = torch.matmul(scores, vc).view(-1, C, V)
+        o = torch.bmm(scores.reshape(-1, C, C), vc.view(-1, C, V))
         o = torch.baddbmm(o, qc.view(-1, C, K), S_prev.reshape(-1, K, V), alpha=inter_scale)
         outs.add(s, o.view(B, H, e - s, V))
     o = outs.result()
