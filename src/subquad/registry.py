@@ -324,3 +324,65 @@ register(
         flops_per_token=_chunked_linear_flops,
     )
 )
+
+
+def _delta_flops(mode: str, K: int, V: int, C: int) -> int:
+    """Per token and head. Chunk: q k^T and k k^T (4CK), the triangular solve for [U | W]
+    (C(K + V)), W S, k^T Delta and q S (6KV), scores @ Delta (2CV). Step form: read, write, output (6KV)."""
+    if mode == "chunk":
+        return 4 * C * K + C * (K + V) + 2 * C * V + 6 * K * V
+    return 6 * K * V
+
+
+DELTA_TENSORS = {
+    "q": TensorSpec(dims=("B", "T", "H", "K"), kind="qk"),
+    "k": TensorSpec(dims=("B", "T", "H", "K"), kind="unit"),
+    "k_raw": TensorSpec(dims=("B", "T", "H", "K"), kind="qk"),
+    "v": TensorSpec(dims=("B", "T", "H", "V"), kind="v"),
+    "g": TensorSpec(dims=("B", "T", "H"), kind="log_gate"),
+    "beta": TensorSpec(dims=("B", "T", "H"), kind="beta"),
+    "beta2": TensorSpec(dims=("B", "T", "H"), kind="beta2"),
+}
+
+register(
+    OpSpec(
+        name="delta_rule",
+        fn=ops.delta_rule,
+        tensors=DELTA_TENSORS,
+        variants=(
+            Variant(name="default", positional=("q", "k", "v", "beta")),
+            Variant(name="beta2", positional=("q", "k", "v", "beta2")),
+            Variant(
+                name="l2norm",
+                positional=("q", "k_raw", "v", "beta"),
+                kwargs=MappingProxyType({"use_qk_l2norm_in_kernel": True}),
+            ),
+        ),
+        modes=MODES,
+        gate="none",
+        state=STATE,
+        paper="Parallelizing Linear Transformers with the Delta Rule over Sequence Length (2024)",
+        url="https://arxiv.org/abs/2406.06484",
+        summary="S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T; o_t = scale * S_t^T q_t",
+        flops_per_token=_delta_flops,
+    )
+)
+
+register(
+    OpSpec(
+        name="gated_delta_rule",
+        fn=ops.gated_delta_rule,
+        tensors=DELTA_TENSORS,
+        variants=(
+            Variant(name="default", positional=("q", "k", "v", "g", "beta")),
+            Variant(name="beta2", positional=("q", "k", "v", "g", "beta2")),
+        ),
+        modes=MODES,
+        gate="scalar",
+        state=STATE,
+        paper="Gated Delta Networks: Improving Mamba2 with Delta Rule (2024)",
+        url="https://arxiv.org/abs/2412.06464",
+        summary="S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T; o_t = scale * S_t^T q_t",
+        flops_per_token=_delta_flops,
+    )
+)

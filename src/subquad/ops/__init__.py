@@ -1,7 +1,8 @@
 """The ops: pure tensor functions, one folder per family. See DESIGN.md section 2 for the contract."""
 
+from subquad.ops.delta_rule import delta_rule, gated_delta_rule
 from subquad.ops.gla import gla
 from subquad.ops.linear_attn import linear_attn
 from subquad.ops.simple_gla import simple_gla
 
-__all__ = ["gla", "linear_attn", "simple_gla"]
+__all__ = ["delta_rule", "gated_delta_rule", "gla", "linear_attn", "simple_gla"]

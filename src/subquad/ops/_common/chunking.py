@@ -104,3 +104,32 @@ def batched_kv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a^T @ b`` over the leading dims of contiguous ``[.., C, K]`` and ``[.., C, V]``: ``[.., K, V]``."""
     out = torch.bmm(a.reshape(-1, *a.shape[-2:]).transpose(1, 2), b.reshape(-1, *b.shape[-2:]))
     return out.view(*a.shape[:-2], a.shape[-1], b.shape[-1])
+
+
+def time_steps(x: torch.Tensor, grad: bool):
+    """Per-step views of a time-major ``[T, ...]`` tensor for a step loop.
+
+    With autograd, ``unbind`` (indexing ``x[t]`` would make backward build a full-size zero
+    gradient per step, O(T^2)); without, the tensor itself (indexing is free, and a list of T
+    views would burden Python's garbage collector at long T).
+    """
+    return x.unbind(0) if grad else x
+
+
+class StepOutputs:
+    """Collects a step loop's ``[B, H, V]`` outputs as ``[B, T, H, V]``: preallocated without
+    autograd (no list of T tensors kept alive), stacked with it."""
+
+    def __init__(self, B: int, T: int, H: int, V: int, dtype: torch.dtype, device: torch.device, grad: bool):
+        self.grad = grad
+        self.items: list[torch.Tensor] = []
+        self.out = None if grad else torch.empty(B, T, H, V, dtype=dtype, device=device)
+
+    def add(self, t: int, o: torch.Tensor) -> None:
+        if self.grad:
+            self.items.append(o)
+        else:
+            self.out[:, t] = o
+
+    def result(self) -> torch.Tensor:
+        return torch.stack(self.items, 1) if self.grad else self.out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from subquad.ops._common.chunking import state_dtype
+from subquad.ops._common.chunking import StepOutputs, state_dtype, time_steps
 
 
 def recurrent_gla(
@@ -25,13 +25,15 @@ def recurrent_gla(
     V = v.shape[-1]
     cd = state_dtype(q.dtype)
     S = initial_state.to(cd) if initial_state is not None else q.new_zeros(B, H, K, V, dtype=cd)
-    # contiguous time-major steps, split by unbind: indexing x[t] per step would make backward build a
-    # full-size zero gradient per step, O(T^2)
-    qt, kt, vt = (x.to(cd).transpose(0, 1).contiguous().unbind(0) for x in (q, k, v))
-    decay = g.to(cd).exp().transpose(0, 1).unsqueeze(-1).unbind(0)  # T x [B, H, K, 1]
-    outs = []
+    grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, initial_state)
+    )
+    # contiguous time-major steps
+    qt, kt, vt = (time_steps(x.to(cd).transpose(0, 1).contiguous(), grad) for x in (q, k, v))
+    decay = time_steps(g.to(cd).exp().transpose(0, 1).unsqueeze(-1), grad)  # T x [B, H, K, 1]
+    outs = StepOutputs(B, T, H, V, cd, q.device, grad)
     for t in range(T):
         S = decay[t] * S + kt[t].unsqueeze(-1) * vt[t].unsqueeze(-2)
-        outs.append(torch.matmul(qt[t].unsqueeze(-2), S).squeeze(-2))
-    o = (torch.stack(outs, 1) * scale).to(q.dtype)
+        outs.add(t, torch.matmul(qt[t].unsqueeze(-2), S).squeeze(-2))
+    o = (outs.result() * scale).to(q.dtype)
     return o, (S if output_final_state else None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from subquad.ops._common.chunking import state_dtype
+from subquad.ops._common.chunking import StepOutputs, state_dtype, time_steps
 
 
 def recurrent_scalar_decay(
@@ -27,15 +27,17 @@ def recurrent_scalar_decay(
     V = v.shape[-1]
     cd = state_dtype(q.dtype)
     S = initial_state.to(cd) if initial_state is not None else q.new_zeros(B, H, K, V, dtype=cd)
-    # contiguous time-major steps, split by unbind: indexing x[t] per step would make backward build a
-    # full-size zero gradient per step, O(T^2)
-    qt, kt, vt = (x.to(cd).transpose(0, 1).contiguous().unbind(0) for x in (q, k, v))
+    grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, g_gamma, initial_state)
+    )
+    # contiguous time-major steps
+    qt, kt, vt = (time_steps(x.to(cd).transpose(0, 1).contiguous(), grad) for x in (q, k, v))
     decay = None
     if g is not None:
-        decay = g.to(cd).exp().transpose(0, 1)[..., None, None].unbind(0)  # T x [B, H, 1, 1]
+        decay = time_steps(g.to(cd).exp().transpose(0, 1)[..., None, None], grad)  # T x [B, H, 1, 1]
     elif g_gamma is not None:
         const = g_gamma.to(cd).exp()[:, None, None]  # [H, 1, 1]
-    outs = []
+    outs = StepOutputs(B, T, H, V, cd, q.device, grad)
     for t in range(T):
         kv = kt[t].unsqueeze(-1) * vt[t].unsqueeze(-2)  # [B, H, K, V]
         if decay is not None:
@@ -44,6 +46,6 @@ def recurrent_scalar_decay(
             S = const * S + kv
         else:
             S = S + kv
-        outs.append(torch.matmul(qt[t].unsqueeze(-2), S).squeeze(-2))  # [B, H, V]
-    o = (torch.stack(outs, 1) * scale).to(q.dtype)
+        outs.add(t, torch.matmul(qt[t].unsqueeze(-2), S).squeeze(-2))  # [B, H, V]
+    o = (outs.result() * scale).to(q.dtype)
     return o, (S if output_final_state else None)

@@ -1,0 +1,125 @@
+"""Chunkwise-parallel (gated) delta rule in the WY / UT-transform form.
+
+Shape legend: B batch, T time, H heads, K key dim, V value dim, C chunk, n chunks per segment.
+
+Write the update as ``S_t = exp(g_t) S_{t-1} + k_t delta_t^T`` with the correction
+``delta_t = beta_t (v_t - exp(g_t) S_{t-1}^T k_t)``. Inside a chunk, with ``b_t`` the log-decay
+since the chunk start and ``S`` the state entering it,
+
+    S_t     = exp(b_t) S + sum_{j <= t} exp(b_t - b_j) k_j delta_j^T
+    delta_t = beta_t (v_t - exp(b_t) S^T k_t - sum_{j < t} exp(b_t - b_j) (k_t . k_j) delta_j)
+
+so the chunk's corrections solve one unit-lower-triangular system (the UT transform),
+
+    (I + tril(diag(beta) (K K^T * D), -1)) Delta = diag(beta) (V - diag(exp(b)) K S),
+    D_tj = exp(b_t - b_j),
+
+i.e. ``Delta = U - W S`` with ``[U | W] = A^{-1} diag(beta) [V | exp(b) K]``: one batched
+triangular solve for every chunk of a segment, independent of S. Then
+
+    O  = scale * [ (Q * exp(b)) S + (tril(Q K^T) * D) Delta ]
+    S' = exp(b_C) S + (K * exp(b_C - b))^T Delta
+
+The only sequential part is ``Delta_c = U_c - W_c S_{c-1}`` and the state update, two small
+matmuls per chunk. Every exponent is <= 0; decays are formed as in ``simple_gla`` (float64
+exponents when a chunk decays by more than SAFE_SPAN nats).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from subquad.ops._common.chunking import (
+    SAFE_SPAN,
+    SegmentOutputs,
+    batched_qk,
+    causal_mask,
+    pad_time,
+    segment_length,
+    state_dtype,
+    to_chunks,
+)
+
+# the decay factors are simple_gla's (the module, not the function the ops package exports)
+_scalar_chunk = importlib.import_module("subquad.ops.simple_gla.chunk")
+
+
+def chunk_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; g, beta ``[B, T, H]`` (g may be None)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    cd = state_dtype(q.dtype)
+    dev = q.device
+    # 0. pad to whole chunks with zeros: beta = 0 writes nothing, g = 0 decays nothing
+    q, k, v, beta = (pad_time(x, C) for x in (q, k, v, beta))
+    if g is not None:
+        g = pad_time(g, C)
+    Tp = q.shape[1]
+    L = segment_length(B * H, max(K, V), C)
+    mask = causal_mask(C, dev)
+    strict = causal_mask(C, dev, strict=True)
+    eye = torch.eye(C, dtype=cd, device=dev)
+    S = initial_state.to(cd) if initial_state is not None else torch.zeros(B, H, K, V, dtype=cd, device=dev)
+    grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state)
+    )
+    outs = SegmentOutputs(B, T, H, V, q.dtype, dev, grad)
+    starts = range(0, Tp, L)
+    # split once (slicing per segment would make backward O(T^2 / L))
+    pieces = [x.split(L, 1) if x is not None else [None] * len(starts) for x in (q, k, v, g, beta)]
+    for seg, s in enumerate(starts):
+        e = min(s + L, Tp)
+        n = (e - s) // C
+        q_s, k_s, v_s, g_s, beta_s = (p[seg] for p in pieces)
+        # 1. this segment's chunks, [B, H, n, C, D]; beta [B, H, n, C, 1]
+        qc, kc, vc = (to_chunks(x, C, cd) for x in (q_s, k_s, v_s))
+        bt = beta_s.to(cd).permute(0, 2, 1).reshape(B, H, n, C, 1)
+        kk = batched_qk(kc, kc)  # [B, H, n, C, C]
+        qk = batched_qk(qc, kc)
+        if g_s is None:
+            decay_qk = mask.to(cd)
+            k_in, q_out, k_out, chunk_decay = kc, qc, kc, None
+        else:
+            gs = g_s.permute(0, 2, 1).reshape(B, H, n, C).to(torch.float64)
+            bc = gs.cumsum(-1)
+            if -float(bc[..., -1].detach().min()) <= SAFE_SPAN:
+                bc = bc.to(cd)
+            decay_qk, decay_q, decay_k, *_ = _scalar_chunk._decay_factors(bc, mask, 0.0, cd)
+            k_in = kc * decay_q  # exp(b_t) k_t
+            q_out = qc * decay_q  # exp(b_t) q_t
+            k_out = kc * decay_k  # exp(b_C - b_j) k_j
+            chunk_decay = decay_q[..., -1:, :]  # exp(b_C), [B, H, n, 1, 1]
+        # 2. UT transform: [U | W] = (I + tril(beta K K^T * D, -1))^{-1} beta [V | exp(b) K]
+        A = eye + bt * kk * decay_qk * strict
+        rhs = bt * torch.cat([vc, k_in], -1)
+        X = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+        U, W = X[..., :V], X[..., V:]
+        scores = qk * decay_qk * scale  # masked: decay_qk is 0 above the diagonal
+        # 3. inter-chunk pass: Delta_c = U_c - W_c S, then the state moves to the chunk's end
+        states, deltas = [], []
+        for i in range(n):
+            delta = U[:, :, i] - torch.matmul(W[:, :, i], S)  # [B, H, C, V]
+            states.append(S)
+            deltas.append(delta)
+            update = torch.matmul(k_out[:, :, i].transpose(-1, -2), delta)
+            S = S + update if chunk_decay is None else chunk_decay[:, :, i] * S + update
+        S_prev = torch.stack(states, 2)  # [B, H, n, K, V]
+        Delta = torch.stack(deltas, 2)  # [B, H, n, C, V]
+        # 4. output: the carried state read by the decayed queries, plus intra-chunk corrections
+        o = torch.bmm(scores.reshape(-1, C, C), Delta.view(-1, C, V))
+        o = torch.baddbmm(o, q_out.reshape(-1, C, K), S_prev.view(-1, K, V), alpha=scale)
+        outs.add(s, o.view(B, H, e - s, V))
+    return outs.result(), (S if output_final_state else None)
