@@ -132,6 +132,6 @@ def chunk_delta_rule(
         Delta = U - torch.matmul(W, S_prev)  # [B, H, n, C, V]
         # 4. output: the carried state read by the decayed queries, plus intra-chunk corrections
         o = torch.bmm(scores.reshape(-1, C, C), Delta.view(-1, C, V))
-        o = torch.baddbmm(o, q_out.reshape(-1, C, K), S_prev.view(-1, K, V), alpha=scale)
+        o = o.baddbmm_(q_out.reshape(-1, C, K), S_prev.view(-1, K, V), alpha=scale)
         outs.add(s, o.view(B, H, e - s, V))
     return outs.result(), (S if output_final_state else None)

@@ -160,6 +160,6 @@ def chunk_gla(
         S_prev = torch.stack(states, 2)  # [B, H, n, K, V]
         # 4. output: intra-chunk scores @ v, plus (accumulated by the same gemm) the carried state
         o = torch.bmm(scores.reshape(-1, C, C), vc.view(-1, C, V))
-        o = torch.baddbmm(o, q_out.reshape(-1, C, K), S_prev.view(-1, K, V))
+        o = o.baddbmm_(q_out.reshape(-1, C, K), S_prev.view(-1, K, V))
         outs.add(s, o.view(B, H, e - s, V))
     return outs.result(), (S if output_final_state else None)

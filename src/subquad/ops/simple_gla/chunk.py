@@ -210,7 +210,7 @@ def chunk_scalar_decay(
             S = (SU[..., n, :] + whole * S.view(B, H, K * V)).view(B, H, K, V)
         # 4. output: intra-chunk scores @ v, plus (accumulated by the same gemm) the carried state
         o = torch.bmm(scores.reshape(-1, C, C), vc.view(-1, C, V))
-        o = torch.baddbmm(o, qc.view(-1, C, K), S_prev.reshape(-1, K, V), alpha=inter_scale)
+        o = o.baddbmm_(qc.view(-1, C, K), S_prev.reshape(-1, K, V), alpha=inter_scale)
         outs.add(s, o.view(B, H, e - s, V))
     o = outs.result()
     if post_scale != 1.0:
