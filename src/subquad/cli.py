@@ -46,6 +46,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         variants=args.variants,
         modes=args.modes,
         backward=not args.no_backward,
+        chunk_size=args.chunk_size,
         sdpa_max_len=args.sdpa_max_len,
         recurrent_max_len=args.recurrent_max_len,
         backward_max_len_recurrent=args.backward_max_len_recurrent,
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", type=_csv(str), default=("chunk", "recurrent"), help="default chunk,recurrent")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5)")
     p.add_argument("--no-backward", action="store_true", help="forward only")
+    p.add_argument("--chunk-size", type=int, default=None, help="chunk modes: default each op's")
     p.add_argument("--sdpa-max-len", type=int, default=16384, help="longest T for quadratic SDPA")
     p.add_argument("--recurrent-max-len", type=int, default=65536)
     p.add_argument("--backward-max-len-recurrent", type=int, default=4096)

@@ -16,6 +16,7 @@ marked skipped, with the reason.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -58,7 +59,7 @@ class SpeedConfig:
     modes: tuple[str, ...] = ("chunk", "recurrent")
     repeats: int = 5
     backward: bool = True
-    chunk_size: int = 64
+    chunk_size: int | None = None  # None: each op's own default
     sdpa_max_len: int = 16384
     recurrent_max_len: int = 65536
     backward_max_len_recurrent: int = 4096
@@ -70,7 +71,9 @@ class SpeedConfig:
     def __post_init__(self) -> None:
         if not self.seq_lens or any(not isinstance(t, int) or t < 1 for t in self.seq_lens):
             raise ValueError(f"seq_lens must be positive integers, got {self.seq_lens}")
-        for name in ("batch", "heads", "head_dim", "repeats", "chunk_size"):
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {self.chunk_size!r}")
+        for name in ("batch", "heads", "head_dim", "repeats"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -145,6 +148,11 @@ def _cases(cfg: SpeedConfig):
                     yield spec, var, mode
 
 
+def _default_chunk_size(spec) -> int:
+    param = inspect.signature(spec.fn).parameters.get("chunk_size")
+    return param.default if param is not None and isinstance(param.default, int) else 64
+
+
 def _limit(cfg: SpeedConfig, mode: str, backward: bool) -> tuple[int, str]:
     if mode == "reference":
         return cfg.reference_max_len, "reference-max-len"
@@ -198,10 +206,11 @@ def run_speed(cfg: SpeedConfig, progress: bool = True) -> dict:
                 bar.update(1)
                 continue
             inputs = spec.make_inputs(var, B=B, T=T, H=H, K=D, V=D, dtype=dtype, device=device, seed=0)
-            flops = spec.total_flops(mode, B=B, T=T, H=H, K=D, V=D, chunk_size=cfg.chunk_size)
+            chunk = cfg.chunk_size or _default_chunk_size(spec)
+            flops = spec.total_flops(mode, B=B, T=T, H=H, K=D, V=D, chunk_size=chunk)
             kw = {"mode": mode}
             if mode == "chunk":
-                kw["chunk_size"] = cfg.chunk_size
+                kw["chunk_size"] = chunk
 
             def op(inputs=inputs, spec=spec, var=var, kw=kw):
                 return spec.call(inputs, var, **kw)[0]

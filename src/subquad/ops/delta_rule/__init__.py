@@ -64,7 +64,7 @@ def delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
     use_qk_l2norm_in_kernel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """DeltaNet (Yang et al. 2024, https://arxiv.org/abs/2406.06484).
@@ -77,7 +77,9 @@ def delta_rule(
         beta: ``[B, T, H]`` write strength in [0, 2]; above 1 the transition has the negative
             eigenvalue ``1 - beta`` along k (state tracking, https://arxiv.org/abs/2411.12537).
         mode: ``"reference"``, ``"chunk"`` (WY / UT transform) or ``"recurrent"``.
-        scale, initial_state ``[N, H, K, V]``, output_final_state, cu_seqlens, chunk_size: as every op.
+        scale, initial_state ``[N, H, K, V]``, output_final_state, cu_seqlens: as every op.
+        chunk_size: 32 by default: the per-chunk triangular inversion grows as C^2 per token, and
+            32 measured faster than 64 here (4K: 64 vs 76 ms; 16K: 247 vs 287 ms, B=1 H=8 K=V=64).
         use_qk_l2norm_in_kernel: L2-normalize q and k inside the op (differentiably).
 
     Returns:
@@ -102,7 +104,7 @@ def gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
     use_qk_l2norm_in_kernel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated DeltaNet (Yang, Kautz, Hatamizadeh 2024, https://arxiv.org/abs/2412.06464).
