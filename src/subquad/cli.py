@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-backward", action="store_true", help="forward only")
     p.add_argument("--chunk-size", type=int, default=None, help="chunk modes: default each op's")
     p.add_argument("--sdpa-max-len", type=int, default=16384, help="longest T for quadratic SDPA")
-    p.add_argument("--recurrent-max-len", type=int, default=65536)
+    p.add_argument("--recurrent-max-len", type=int, default=16384, help="longest T for step loops")
     p.add_argument("--backward-max-len-recurrent", type=int, default=4096)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")

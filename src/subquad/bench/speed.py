@@ -61,7 +61,7 @@ class SpeedConfig:
     backward: bool = True
     chunk_size: int | None = None  # None: each op's own default
     sdpa_max_len: int = 16384
-    recurrent_max_len: int = 65536
+    recurrent_max_len: int = 16384
     backward_max_len_recurrent: int = 4096
     reference_max_len: int = 4096
     threads: int | None = None
