@@ -60,6 +60,8 @@ class Variant:
         state_v_extra: extra columns in the state's last dim (the normalizer's z).
         streaming: whether splitting T and carrying the state equals one call (False when
             non-causal).
+        fixed_dims: sizes of op-specific dim letters for this variant, over the op's ``fixed_dims``
+            (e.g. one more memory when a shared memory is on).
     """
 
     name: str
@@ -70,6 +72,7 @@ class Variant:
     positive_qk: bool = False
     state_v_extra: int = 0
     streaming: bool = True
+    fixed_dims: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
@@ -134,7 +137,8 @@ class OpSpec:
 
     def state_shape(self, N: int, H: int, K: int, V: int, variant: Variant | None = None) -> tuple[int, ...]:
         extra = variant.state_v_extra if variant is not None else 0
-        sizes = {**self.fixed_dims, "N": N, "H": H, "K": K, "V": V + extra}
+        fixed = {**self.fixed_dims, **(variant.fixed_dims if variant is not None else {})}
+        sizes = {**fixed, "N": N, "H": H, "K": K, "V": V + extra}
         return tuple(sizes[d] for d in self.state)
 
     def state_bytes_per_sequence(self, H: int, K: int, V: int) -> int:
@@ -164,7 +168,7 @@ class OpSpec:
         if gates not in GATE_REGIMES:
             raise ValueError(f"gates must be one of {GATE_REGIMES}, got {gates!r}")
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        sizes = {**self.fixed_dims, "B": B, "T": T, "H": H, "K": K, "V": V}
+        sizes = {**self.fixed_dims, **variant.fixed_dims, "B": B, "T": T, "H": H, "K": K, "V": V}
         out = {}
         for name in variant.tensor_names:
             spec = self.tensors[name]
@@ -384,5 +388,53 @@ register(
         url="https://arxiv.org/abs/2412.06464",
         summary="S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T; o_t = scale * S_t^T q_t",
         flops_per_token=_delta_flops,
+    )
+)
+
+
+def _router_logits(shape: tuple[int, ...], gen: torch.Generator, gates: str) -> torch.Tensor:
+    """Router scores with the memories' order clear by a margin of ~0.7 per token, so top-k picks
+    the same memories after rounding to bfloat16 (a near tie would flip the choice between dtypes)."""
+    order = torch.rand(shape, generator=gen, dtype=torch.float64).argsort(-1).to(torch.float64)
+    return order + 0.3 * torch.rand(shape, generator=gen, dtype=torch.float64) - 1.0
+
+
+register(
+    OpSpec(
+        name="mom",
+        fn=ops.mom,
+        tensors={
+            "q": TensorSpec(dims=("B", "T", "H", "K"), kind="qk"),
+            "k": TensorSpec(dims=("B", "T", "M", "H", "K"), kind="unit"),
+            "v": TensorSpec(dims=("B", "T", "M", "H", "V"), kind="v"),
+            "router_logits": TensorSpec(dims=("B", "T", "R"), kind="v", make=_router_logits),
+            "g": TensorSpec(dims=("B", "T", "M", "H"), kind="log_gate"),
+            "beta": TensorSpec(dims=("B", "T", "M", "H"), kind="beta"),
+        },
+        variants=(
+            Variant(
+                name="default",
+                positional=("q", "k", "v", "router_logits"),
+                keyword=("g", "beta"),
+                kwargs=MappingProxyType({"op": "gated_delta_rule", "top_k": 2}),
+            ),
+            Variant(
+                name="shared_delta",
+                positional=("q", "k", "v", "router_logits"),
+                keyword=("beta",),
+                kwargs=MappingProxyType({"op": "delta_rule", "top_k": 2, "shared_memory": True}),
+                fixed_dims=MappingProxyType({"M": 4, "R": 3}),
+            ),
+        ),
+        modes=MODES,
+        gate="scalar",
+        state=("N", "M", "H", "K", "V"),
+        fixed_dims=MappingProxyType({"M": 3, "R": 3}),
+        paper="MoM: Linear Sequence Modeling with Mixture-of-Memories (2025)",
+        url="https://arxiv.org/abs/2502.13685",
+        summary="top-k of M memories per token, each a base-op state (default gated delta rule); "
+        "o_t = sum_m w_tm o^m_t",
+        # the default variant: each token takes top_k = 2 gated-delta-rule steps
+        flops_per_token=lambda mode, K, V, C: 2 * _delta_flops(mode, K, V, C),
     )
 )
