@@ -86,6 +86,7 @@ def route(
 def gather_rows(x: torch.Tensor, index: torch.Tensor, rows: int, L: int, slot: torch.Tensor) -> torch.Tensor:
     """``x [P', ...]`` -> ``[rows, L, ...]`` with ``x[index[i]]`` at flat position ``slot[i]``, zeros
     elsewhere (differentiable)."""
+    # in place into a fresh zero buffer: autograd still reaches x, and no copy of the buffer is made
     out = x.new_zeros((rows * L, *x.shape[1:]))
-    out = out.index_copy(0, slot, x.index_select(0, index))
+    out.index_copy_(0, slot, x.index_select(0, index))
     return out.view(rows, L, *x.shape[1:])
