@@ -438,3 +438,61 @@ register(
         flops_per_token=lambda mode, K, V, C: 2 * _delta_flops(mode, K, V, C),
     )
 )
+
+
+def _scan_A(shape: tuple[int, ...], gen: torch.Generator, gates: str) -> torch.Tensor:
+    """S6's diagonal A <= 0. With dt ~ softplus(normal) (0.1..3), ``dt * A`` is a typical
+    log-decay for "normal", ~ -1e-4 for "near_zero" and -1..-60 per step for "strong"."""
+    u = torch.rand(shape, generator=gen, dtype=torch.float64)
+    if gates == "near_zero":
+        return -1e-4 * u
+    if gates == "strong":
+        return -(5.0 + 15.0 * u)
+    return -torch.exp(torch.randn(shape, generator=gen, dtype=torch.float64) * 0.5)
+
+
+def _scan_flops(mode: str, dims: Mapping[str, int]) -> int:
+    """Total FLOPs of one call, Mamba's S6 at D = V channels and N = K states (no heads): per token
+    and state entry, the decay (mul + exp), the input (2 mul), the update (mul + add) and the read
+    (mul + add) in every mode; the chunked form adds the cumulative product and the carry (3)."""
+    per_entry = 8 if mode == "recurrent" else 11
+    return dims["B"] * dims["T"] * dims["V"] * dims["K"] * per_entry
+
+
+SCAN_POSITIONAL = ("x", "dt", "A", "B", "C")
+
+register(
+    OpSpec(
+        name="selective_scan",
+        fn=ops.selective_scan,
+        tensors={
+            "x": TensorSpec(dims=("B", "T", "V"), kind="v"),
+            "dt": TensorSpec(dims=("B", "T", "V"), kind="positive"),
+            "dt_raw": TensorSpec(dims=("B", "T", "V"), kind="v"),
+            "A": TensorSpec(dims=("V", "K"), kind="log_gate", make=_scan_A),
+            "B": TensorSpec(dims=("B", "T", "K"), kind="qk"),
+            "C": TensorSpec(dims=("B", "T", "K"), kind="qk"),
+            "D": TensorSpec(dims=("V",), kind="v"),
+            "dt_bias": TensorSpec(dims=("V",), kind="v"),
+        },
+        variants=(
+            Variant(name="default", positional=SCAN_POSITIONAL, keyword=("D",)),
+            Variant(name="no_skip", positional=SCAN_POSITIONAL),
+            Variant(
+                name="softplus",
+                positional=("x", "dt_raw", "A", "B", "C"),
+                keyword=("D", "dt_bias"),
+                kwargs=MappingProxyType({"dt_softplus": True}),
+            ),
+        ),
+        modes=MODES,
+        gate="vector",
+        state=("N", "V", "K"),
+        paper="Mamba: Linear-Time Sequence Modeling with Selective State Spaces (2023)",
+        url="https://arxiv.org/abs/2312.00752",
+        summary="h_t = exp(dt_t A) * h_{t-1} + dt_t x_t B_t^T per channel (D = V, N = K); "
+        "y_t = h_t C_t + D x_t",
+        flops_per_token=lambda mode, K, V, C: 8 * K * V,
+        flops=_scan_flops,
+    )
+)
