@@ -496,3 +496,46 @@ register(
         flops=_scan_flops,
     )
 )
+
+
+def _ttt_flops(mode: str, K: int, V: int, C: int) -> int:
+    """Per token and head, C the mini-batch. Dual form: tril(Q K^T) (2CK), A K and A V
+    (2C(K + V)), I - K^T E K and K^T E V (2K(K + V)), the state pass (2K^2 V / C) and Q W (2KV).
+    Step form: the error at W0, the update and the read (6KV)."""
+    if mode == "chunk":
+        return 2 * C * K + 2 * C * (K + V) + 2 * K * (K + V) + 2 * K * K * V // C + 2 * K * V
+    return 6 * K * V
+
+
+TTT_TENSORS = {
+    "q": TensorSpec(dims=("B", "T", "H", "K"), kind="qk"),
+    "k": TensorSpec(dims=("B", "T", "H", "K"), kind="unit"),
+    "v": TensorSpec(dims=("B", "T", "H", "V"), kind="v"),
+    "eta": TensorSpec(dims=("B", "T", "H"), kind="beta"),
+}
+
+register(
+    OpSpec(
+        name="ttt_linear",
+        fn=ops.ttt_linear,
+        tensors=TTT_TENSORS,
+        variants=(
+            # mini-batches restart at every call, so splitting T elsewhere than on a mini-batch
+            # boundary is a different computation: no streaming test for b > 1
+            Variant(name="default", positional=("q", "k", "v", "eta"), streaming=False),
+            Variant(
+                name="mb1",
+                positional=("q", "k", "v", "eta"),
+                kwargs=MappingProxyType({"mini_batch_size": 1}),
+            ),
+        ),
+        modes=MODES,
+        gate="none",
+        state=STATE,
+        paper="Learning to (Learn at Test Time): RNNs with Expressive Hidden States (2024)",
+        url="https://arxiv.org/abs/2407.04620",
+        summary="W_t = W_{t-1} - eta_t k_t (W0^T k_t - v_t)^T, W0 = weights at the mini-batch start; "
+        "o_t = scale * W_t^T q_t",
+        flops_per_token=lambda mode, K, V, C: _ttt_flops(mode, K, V, 16),
+    )
+)

@@ -71,7 +71,7 @@ def test_low_precision_against_float64(spec, var, mode, dtype, device):
 )
 def test_streaming_split_equals_one_call(spec, var, mode, splits, device):
     if not var.streaming:
-        pytest.skip(f"{spec.name}/{var.name} is not causal: a prefix cannot be computed alone")
+        pytest.skip(f"{spec.name}/{var.name} is marked streaming=False (non-causal, or a split changes it)")
     T = 63
     dims = dict(B=2, T=T, H=2, K=8, V=8, dtype=torch.float64, device=device)
     inputs, state = differentiable_inputs(spec, var, **dims)

@@ -6,5 +6,15 @@ from subquad.ops.linear_attn import linear_attn
 from subquad.ops.mom import mom
 from subquad.ops.selective_scan import selective_scan
 from subquad.ops.simple_gla import simple_gla
+from subquad.ops.ttt_linear import ttt_linear
 
-__all__ = ["delta_rule", "gated_delta_rule", "gla", "linear_attn", "mom", "selective_scan", "simple_gla"]
+__all__ = [
+    "delta_rule",
+    "gated_delta_rule",
+    "gla",
+    "linear_attn",
+    "mom",
+    "selective_scan",
+    "simple_gla",
+    "ttt_linear",
+]

@@ -133,3 +133,25 @@ class StepOutputs:
 
     def result(self) -> torch.Tensor:
         return torch.stack(self.items, 1) if self.grad else self.out
+
+
+def affine_state_pass(
+    M: torch.Tensor, N: torch.Tensor, S: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequential inter-chunk pass of a state whose per-chunk update is affine,
+    ``S_{c+1} = M_c S_c + N_c``: ``M [B, H, n, K, K]``, ``N [B, H, n, K, V]``, ``S [B, H, K, V]``.
+
+    Both factors are built batched over all chunks beforehand, so the loop is one ``[K, K] x [K, V]``
+    gemm per chunk. Returns the state entering each chunk ``[B, H, n, K, V]`` and the one leaving
+    the last ``[B, H, K, V]``.
+    """
+    B, H, n, K, V = N.shape
+    # chunk-major, so every step reads contiguous memory
+    Mc = M.permute(2, 0, 1, 3, 4).reshape(n, B * H, K, K)
+    Nc = N.permute(2, 0, 1, 3, 4).reshape(n, B * H, K, V)
+    S3 = S.reshape(B * H, K, V)
+    states = []
+    for i in range(n):
+        states.append(S3)
+        S3 = torch.baddbmm(Nc[i], Mc[i], S3)
+    return torch.stack(states, 1).view(B, H, n, K, V), S3.view(B, H, K, V)

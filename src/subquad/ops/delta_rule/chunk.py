@@ -36,6 +36,7 @@ import torch
 from subquad.ops._common.chunking import (
     SAFE_SPAN,
     SegmentOutputs,
+    affine_state_pass,
     batched_kv,
     batched_qk,
     causal_mask,
@@ -120,15 +121,7 @@ def chunk_delta_rule(
         M = batched_kv(k_out, W)  # [B, H, n, K, K]
         Nm = batched_kv(k_out, U)  # [B, H, n, K, V]
         M = (eye_k if chunk_decay is None else chunk_decay * eye_k) - M
-        M = M.permute(2, 0, 1, 3, 4).reshape(n, B * H, K, K)  # chunk-major: contiguous per step
-        Nm = Nm.permute(2, 0, 1, 3, 4).reshape(n, B * H, K, V)
-        S3 = S.reshape(B * H, K, V)
-        states = []
-        for i in range(n):
-            states.append(S3)
-            S3 = torch.baddbmm(Nm[i], M[i], S3)
-        S = S3.view(B, H, K, V)
-        S_prev = torch.stack(states, 1).view(B, H, n, K, V)  # the state entering each chunk
+        S_prev, S = affine_state_pass(M, Nm, S)  # S_prev: the state entering each chunk
         Delta = U - torch.matmul(W, S_prev)  # [B, H, n, C, V]
         # 4. output: the carried state read by the decayed queries, plus intra-chunk corrections
         o = torch.bmm(scores.reshape(-1, C, C), Delta.view(-1, C, V))

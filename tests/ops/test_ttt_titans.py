@@ -1,0 +1,87 @@
+"""TTT-Linear and Titans specifics: reductions to the delta rule, mini-batch semantics written out,
+streaming on mini-batch boundaries, and 1M-token stability."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from subquad.ops import delta_rule, ttt_linear
+from subquad.testing import assert_close
+
+F64 = torch.float64
+MODES = ("reference", "chunk", "recurrent")
+
+
+def _qkv(B=2, T=21, H=2, K=6, V=5, seed=0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen, dtype=dtype)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen, dtype=dtype), dim=-1)
+    v = torch.randn(B, T, H, V, generator=gen, dtype=dtype)
+    rate = torch.rand(B, T, H, generator=gen, dtype=dtype)
+    return q, k, v, rate
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ttt_mini_batch_one_is_the_delta_rule(mode):
+    q, k, v, eta = _qkv()
+    S0 = torch.randn(2, 2, 6, 5, dtype=F64)
+    o, s = ttt_linear(q, k, v, eta, mini_batch_size=1, mode=mode, initial_state=S0, output_final_state=True)
+    ro, rs = delta_rule(q, k, v, eta, mode="reference", initial_state=S0, output_final_state=True)
+    assert_close(o, ro, F64, name="o")
+    assert_close(s, rs, F64, name="state")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ttt_mini_batch_by_hand(mode):
+    """b = 4: every gradient of a mini-batch at its starting weights, closed form per mini-batch."""
+    q, k, v, eta = _qkv(B=1, T=10, H=1)
+    W = torch.zeros(6, 5, dtype=F64)
+    outs = []
+    for start in range(0, 10, 4):
+        W0 = W
+        for t in range(start, min(start + 4, 10)):
+            kt = k[0, t, 0]
+            W = W - eta[0, t, 0] * torch.outer(kt, W0.T @ kt - v[0, t, 0])
+            outs.append(0.5 * W.T @ q[0, t, 0])
+    o, s = ttt_linear(q, k, v, eta, mini_batch_size=4, mode=mode, scale=0.5, output_final_state=True)
+    assert_close(o[0, :, 0], torch.stack(outs), F64, name="o")
+    assert_close(s[0, 0], W, F64, name="state")
+
+
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_ttt_streams_on_mini_batch_boundaries(mode):
+    q, k, v, eta = _qkv(T=40)
+    whole, S = ttt_linear(q, k, v, eta, mini_batch_size=8, mode=mode, output_final_state=True)
+    o1, S1 = ttt_linear(q[:, :16], k[:, :16], v[:, :16], eta[:, :16], mini_batch_size=8, mode=mode,
+                        output_final_state=True)  # fmt: skip
+    o2, S2 = ttt_linear(q[:, 16:], k[:, 16:], v[:, 16:], eta[:, 16:], mini_batch_size=8, mode=mode,
+                        initial_state=S1, output_final_state=True)  # fmt: skip
+    assert_close(torch.cat([o1, o2], 1), whole, F64, name="streamed o")
+    assert_close(S2, S, F64, name="streamed state")
+
+
+def test_ttt_bad_inputs():
+    q, k, v, eta = _qkv(T=5)
+    with pytest.raises(ValueError, match="eta is a learning rate and must be >= 0"):
+        ttt_linear(q, k, v, -eta)
+    with pytest.raises(ValueError, match="mini_batch_size must be >= 1"):
+        ttt_linear(q, k, v, eta, mini_batch_size=0)
+    with pytest.raises(TypeError, match="mini_batch_size must be an int"):
+        ttt_linear(q, k, v, eta, mini_batch_size=2.0)
+
+
+@pytest.mark.slow
+def test_ttt_million_tokens_stay_finite_and_agree():
+    T, piece = 1 << 20, 1 << 16
+    q, k, v, eta = _qkv(B=1, T=T, H=1, K=16, V=16, dtype=torch.float32)
+    with torch.no_grad():
+        s_c = s_r = None
+        for a in range(0, T, piece):
+            args = (q[:, a : a + piece], k[:, a : a + piece], v[:, a : a + piece], eta[:, a : a + piece])
+            o_c, s_c = ttt_linear(*args, mode="chunk", initial_state=s_c, output_final_state=True)
+            o_r, s_r = ttt_linear(*args, mode="recurrent", initial_state=s_r, output_final_state=True)
+            assert torch.isfinite(o_c).all() and torch.isfinite(o_r).all()
+            assert_close(o_c, o_r, torch.float32, name=f"output of piece at {a}")
+        assert_close(s_c, s_r, torch.float32, name="final state")
