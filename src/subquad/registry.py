@@ -539,3 +539,51 @@ register(
         flops_per_token=lambda mode, K, V, C: _ttt_flops(mode, K, V, 16),
     )
 )
+
+
+def _titans_theta(shape: tuple[int, ...], gen: torch.Generator, gates: str) -> torch.Tensor:
+    """Surprise learning rates in (0, 0.1): with momentum ~0.9 (a gain of ~10) and 16 unit keys per
+    mini-batch, rates near 1 make the memory's gradient descent diverge (inf after ~2K tokens in
+    every mode, the reference included), which tests nothing."""
+    return 0.1 * torch.sigmoid(torch.randn(shape, generator=gen, dtype=torch.float64))
+
+
+def _titans_flops(mode: str, K: int, V: int, C: int) -> int:
+    """Per token and head, C the mini-batch. Chunked: Q K^T and the decay product L_F L_E (2CK +
+    2C^2), A K and A V (2C(K + V)), the four K^T D [K | V] products (4K(K + V)), the [2K, 2K] state
+    pass (8K^2 V / C) and the read of [M; S] (4KV). Step form: error, surprise, memory, read (6KV)."""
+    if mode == "chunk":
+        return 2 * C * K + 2 * C * C + 2 * C * (K + V) + 4 * K * (K + V) + 8 * K * K * V // C + 4 * K * V
+    return 6 * K * V
+
+
+register(
+    OpSpec(
+        name="titans",
+        fn=ops.titans,
+        tensors={
+            **{n: TTT_TENSORS[n] for n in ("q", "k", "v")},
+            "theta": TensorSpec(dims=("B", "T", "H"), kind="beta", make=_titans_theta),
+            "g": TensorSpec(dims=("B", "T", "H"), kind="log_gate"),
+            "g_momentum": TensorSpec(dims=("B", "T", "H"), kind="log_gate"),
+        },
+        variants=(
+            # as ttt_linear: mini-batches restart at every call, so no streaming test for b > 1
+            Variant(name="default", positional=("q", "k", "v", "theta", "g", "g_momentum"), streaming=False),
+            Variant(
+                name="mb1",
+                positional=("q", "k", "v", "theta", "g", "g_momentum"),
+                kwargs=MappingProxyType({"mini_batch_size": 1}),
+            ),
+        ),
+        modes=MODES,
+        gate="scalar",
+        state=("N", "P", "H", "K", "V"),
+        fixed_dims=MappingProxyType({"P": 2}),
+        paper="Titans: Learning to Memorize at Test Time (2024)",
+        url="https://arxiv.org/abs/2501.00663",
+        summary="S_t = e^{gm_t} S_{t-1} - theta_t k_t (M0^T k_t - v_t)^T; M_t = e^{g_t} M_{t-1} + S_t; "
+        "o_t = scale * M_t^T q_t",
+        flops_per_token=lambda mode, K, V, C: _titans_flops(mode, K, V, 16),
+    )
+)

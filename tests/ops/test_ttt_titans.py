@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from subquad.ops import delta_rule, ttt_linear
+from subquad.ops import delta_rule, titans, ttt_linear
 from subquad.testing import assert_close
 
 F64 = torch.float64
@@ -82,6 +82,67 @@ def test_ttt_million_tokens_stay_finite_and_agree():
             args = (q[:, a : a + piece], k[:, a : a + piece], v[:, a : a + piece], eta[:, a : a + piece])
             o_c, s_c = ttt_linear(*args, mode="chunk", initial_state=s_c, output_final_state=True)
             o_r, s_r = ttt_linear(*args, mode="recurrent", initial_state=s_r, output_final_state=True)
+            assert torch.isfinite(o_c).all() and torch.isfinite(o_r).all()
+            assert_close(o_c, o_r, torch.float32, name=f"output of piece at {a}")
+        assert_close(s_c, s_r, torch.float32, name="final state")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_titans_without_momentum_or_forgetting_is_ttt(mode):
+    """eta = exp(g_momentum) = 0 and alpha = 1 - exp(g) = 0: the surprise is this token's step alone
+    and the memory sums them, which is TTT-Linear's mini-batch update with eta = theta."""
+    q, k, v, theta = _qkv(T=37)
+    zero = torch.zeros_like(theta)
+    S0 = torch.randn(2, 2, 6, 5, dtype=F64)
+    X0 = torch.stack([S0, torch.zeros_like(S0)], 1)
+    o, s = titans(q, k, v, theta, zero, zero - 1e4, mini_batch_size=8, mode=mode, initial_state=X0,
+                  output_final_state=True)  # fmt: skip
+    ro, rs = ttt_linear(q, k, v, theta, mini_batch_size=8, mode="reference", initial_state=S0,
+                        output_final_state=True)  # fmt: skip
+    assert_close(o, ro, F64, name="o")
+    assert_close(s[:, 0], rs, F64, name="memory")
+
+
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_titans_streams_on_mini_batch_boundaries(mode):
+    q, k, v, theta = _qkv(T=40)
+    g = -torch.rand_like(theta)
+    gm = -torch.rand_like(theta)
+    args = (q, k, v, 0.1 * theta, g, gm)
+    whole, S = titans(*args, mini_batch_size=8, mode=mode, output_final_state=True)
+    o1, S1 = titans(*(x[:, :24] for x in args), mini_batch_size=8, mode=mode, output_final_state=True)
+    o2, S2 = titans(*(x[:, 24:] for x in args), mini_batch_size=8, mode=mode, initial_state=S1,
+                    output_final_state=True)  # fmt: skip
+    assert_close(torch.cat([o1, o2], 1), whole, F64, name="streamed o")
+    assert_close(S2, S, F64, name="streamed state")
+
+
+def test_titans_bad_inputs():
+    q, k, v, theta = _qkv(T=5)
+    zero = torch.zeros_like(theta)
+    with pytest.raises(ValueError, match="theta is a learning rate"):
+        titans(q, k, v, -theta, zero, zero)
+    with pytest.raises(ValueError, match=r"g_momentum .*<= 0"):
+        titans(q, k, v, theta, zero, zero + 0.1)
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[N, 2, H, K, V\]"):
+        titans(q, k, v, theta, zero, zero, initial_state=torch.zeros(2, 2, 6, 5, dtype=F64))
+
+
+@pytest.mark.slow
+def test_titans_million_tokens_stay_finite_and_agree():
+    """1M tokens, log-decays down to -20: chunk in carried pieces vs the step form."""
+    T, piece = 1 << 20, 1 << 16
+    q, k, v, theta = _qkv(B=1, T=T, H=1, K=16, V=16, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    g = -20 * torch.rand(1, T, 1, generator=gen) ** 4
+    gm = -20 * torch.rand(1, T, 1, generator=gen) ** 4
+    args = (q, k, v, 0.1 * theta, g, gm)
+    with torch.no_grad():
+        s_c = s_r = None
+        for a in range(0, T, piece):
+            part = [x[:, a : a + piece] for x in args]
+            o_c, s_c = titans(*part, mode="chunk", initial_state=s_c, output_final_state=True)
+            o_r, s_r = titans(*part, mode="recurrent", initial_state=s_r, output_final_state=True)
             assert torch.isfinite(o_c).all() and torch.isfinite(o_r).all()
             assert_close(o_c, o_r, torch.float32, name=f"output of piece at {a}")
         assert_close(s_c, s_r, torch.float32, name="final state")

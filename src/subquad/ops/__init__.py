@@ -6,6 +6,7 @@ from subquad.ops.linear_attn import linear_attn
 from subquad.ops.mom import mom
 from subquad.ops.selective_scan import selective_scan
 from subquad.ops.simple_gla import simple_gla
+from subquad.ops.titans import titans
 from subquad.ops.ttt_linear import ttt_linear
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "mom",
     "selective_scan",
     "simple_gla",
+    "titans",
     "ttt_linear",
 ]
