@@ -587,3 +587,55 @@ register(
         flops_per_token=lambda mode, K, V, C: _titans_flops(mode, K, V, 16),
     )
 )
+
+
+def _rwkv7_prepare(inputs: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """RWKV-7's parametrisation: ``a = -kappa``, ``b = kappa * lr`` with kappa unit-norm and the
+    in-context learning rate lr in (0, 1), so ``diag(exp(w)) + b a^T`` is a contraction."""
+    out = dict(inputs)
+    kappa = F.normalize(inputs["a"], dim=-1)
+    lr = torch.sigmoid(torch.randn(kappa.shape, generator=gen, dtype=kappa.dtype))
+    out["a"] = -kappa
+    out["b"] = kappa * lr
+    return out
+
+
+def _rwkv7_flops(mode: str, K: int, V: int, C: int) -> int:
+    """Per token and head. Chunked: the four pair matrices (8CK), the triangular inverse applied
+    to [a Gam' | L_ak V] (2C(K + V) + 2CV), the update factors (2K(K + 2V)), the state pass
+    (2K^2 V / C) and the read (2CK + 4CV + 2KV). Step form: a^T S, the update, the read (8KV)."""
+    if mode == "chunk":
+        return (
+            8 * C * K
+            + 2 * C * (K + V)
+            + 2 * C * V
+            + 2 * K * (K + 2 * V)
+            + 2 * K * K * V // C
+            + (2 * C * K + 4 * C * V + 2 * K * V)
+        )
+    return 8 * K * V
+
+
+register(
+    OpSpec(
+        name="rwkv7",
+        fn=ops.rwkv7,
+        tensors={
+            "r": TensorSpec(dims=("B", "T", "H", "K"), kind="qk"),
+            "w": TensorSpec(dims=("B", "T", "H", "K"), kind="log_gate"),
+            "k": TensorSpec(dims=("B", "T", "H", "K"), kind="qk"),
+            "v": TensorSpec(dims=("B", "T", "H", "V"), kind="v"),
+            "a": TensorSpec(dims=("B", "T", "H", "K"), kind="qk"),
+            "b": TensorSpec(dims=("B", "T", "H", "K"), kind="qk"),
+        },
+        variants=(Variant(name="default", positional=("r", "w", "k", "v", "a", "b")),),
+        modes=MODES,
+        gate="vector",
+        state=STATE,
+        paper='RWKV-7 "Goose" with Expressive Dynamic State Evolution (2025)',
+        url="https://arxiv.org/abs/2503.14456",
+        summary="S_t = (diag(exp(w_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T; o_t = scale * S_t^T r_t",
+        flops_per_token=lambda mode, K, V, C: _rwkv7_flops(mode, K, V, 16),
+        prepare=_rwkv7_prepare,
+    )
+)

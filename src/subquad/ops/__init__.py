@@ -4,6 +4,7 @@ from subquad.ops.delta_rule import delta_rule, gated_delta_rule
 from subquad.ops.gla import gla
 from subquad.ops.linear_attn import linear_attn
 from subquad.ops.mom import mom
+from subquad.ops.rwkv7 import rwkv7
 from subquad.ops.selective_scan import selective_scan
 from subquad.ops.simple_gla import simple_gla
 from subquad.ops.titans import titans
@@ -15,6 +16,7 @@ __all__ = [
     "gla",
     "linear_attn",
     "mom",
+    "rwkv7",
     "selective_scan",
     "simple_gla",
     "titans",
