@@ -54,6 +54,17 @@ def to_chunks(x: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Ten
     return out.view(B, H, L // chunk_size, chunk_size, *x.shape[3:])
 
 
+def to_chunks_major(x: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, L, H, *D]`` time-major slice -> contiguous chunk-major ``[n, B, H, C, *D]`` in ``dtype``
+    (one copy). Chunk-major batches let the per-chunk state factors feed the sequential pass and
+    the states it returns feed the next matmuls without further permute copies."""
+    B, L, H = x.shape[:3]
+    n = L // chunk_size
+    xv = x.view(B, n, chunk_size, H, *x.shape[3:])
+    xp = xv.permute(1, 0, 3, 2, *range(4, xv.dim()))
+    return torch.empty(xp.shape, dtype=dtype, device=x.device).copy_(xp)
+
+
 def causal_mask(chunk_size: int, device: torch.device, strict: bool = False) -> torch.Tensor:
     """``[C, C]`` bool, True where key j may be seen by query i (j <= i, or j < i when strict)."""
     return torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=device).tril(-1 if strict else 0)
@@ -86,6 +97,19 @@ class SegmentOutputs:
         end = min(start + piece.shape[1], self.T)
         if end > start:
             self.out[:, start:end].copy_(piece[:, : end - start])
+
+    def add_chunk_major(self, start: int, o: torch.Tensor) -> None:
+        """``o [n, B, H, C, V]``: the output of tokens ``start .. start + n C``, chunk-major."""
+        n, B, H, C, V = o.shape
+        piece = o.permute(1, 0, 3, 2, 4)  # [B, n, C, H, V]
+        if self.grad:
+            self.pieces.append(piece.reshape(B, n * C, H, V))
+            return
+        end = min(start + n * C, self.T)
+        if end - start == n * C:
+            self.out[:, start:end].view(B, n, C, H, V).copy_(piece)
+        elif end > start:
+            self.out[:, start:end].copy_(piece.reshape(B, n * C, H, V)[:, : end - start])
 
     def result(self) -> torch.Tensor:
         if not self.grad:
@@ -136,22 +160,29 @@ class StepOutputs:
 
 
 def affine_state_pass(
-    M: torch.Tensor, N: torch.Tensor, S: torch.Tensor
+    M: torch.Tensor, N: torch.Tensor, S: torch.Tensor, chunk_major: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The sequential inter-chunk pass of a state whose per-chunk update is affine,
-    ``S_{c+1} = M_c S_c + N_c``: ``M [B, H, n, K, K]``, ``N [B, H, n, K, V]``, ``S [B, H, K, V]``.
+    ``S_{c+1} = M_c S_c + N_c``: ``M [B, H, n, K, K]``, ``N [B, H, n, K, V]``, ``S [B, H, K, V]``
+    (``[n, B, H, ...]`` when ``chunk_major``).
 
     Both factors are built batched over all chunks beforehand, so the loop is one ``[K, K] x [K, V]``
-    gemm per chunk. Returns the state entering each chunk ``[B, H, n, K, V]`` and the one leaving
+    gemm per chunk. Returns the state entering each chunk (same layout as N) and the one leaving
     the last ``[B, H, K, V]``.
     """
-    B, H, n, K, V = N.shape
-    # chunk-major, so every step reads contiguous memory
-    Mc = M.permute(2, 0, 1, 3, 4).reshape(n, B * H, K, K)
-    Nc = N.permute(2, 0, 1, 3, 4).reshape(n, B * H, K, V)
+    if chunk_major:
+        n, B, H, K, V = N.shape
+        Mc, Nc = M.reshape(n, B * H, K, K), N.reshape(n, B * H, K, V)
+    else:
+        # chunk-major, so every step reads contiguous memory
+        B, H, n, K, V = N.shape
+        Mc = M.permute(2, 0, 1, 3, 4).reshape(n, B * H, K, K)
+        Nc = N.permute(2, 0, 1, 3, 4).reshape(n, B * H, K, V)
     S3 = S.reshape(B * H, K, V)
     states = []
     for i in range(n):
         states.append(S3)
         S3 = torch.baddbmm(Nc[i], Mc[i], S3)
+    if chunk_major:
+        return torch.stack(states, 0).view(n, B, H, K, V), S3.view(B, H, K, V)
     return torch.stack(states, 1).view(B, H, n, K, V), S3.view(B, H, K, V)

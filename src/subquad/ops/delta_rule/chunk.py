@@ -29,8 +29,6 @@ exponents when a chunk decays by more than SAFE_SPAN nats).
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from subquad.ops._common.chunking import (
@@ -43,11 +41,8 @@ from subquad.ops._common.chunking import (
     pad_time,
     segment_length,
     state_dtype,
-    to_chunks,
+    to_chunks_major,
 )
-
-# the decay factors are simple_gla's (the module, not the function the ops package exports)
-_scalar_chunk = importlib.import_module("subquad.ops.simple_gla.chunk")
 
 
 def chunk_delta_rule(
@@ -89,42 +84,44 @@ def chunk_delta_rule(
         e = min(s + L, Tp)
         n = (e - s) // C
         q_s, k_s, v_s, g_s, beta_s = (p[seg] for p in pieces)
-        # 1. this segment's chunks, [B, H, n, C, D]; beta [B, H, n, C, 1]
-        qc, kc, vc = (to_chunks(x, C, cd) for x in (q_s, k_s, v_s))
-        bt = beta_s.to(cd).permute(0, 2, 1).reshape(B, H, n, C, 1)
+        # 1. this segment's chunks, chunk-major [n, B, H, C, D]; beta [n, B, H, C, 1]
+        qc, kc, vc = (to_chunks_major(x, C, cd) for x in (q_s, k_s, v_s))
+        bt = beta_s.to(cd).view(B, n, C, H).permute(1, 0, 3, 2).unsqueeze(-1)
         kk = batched_qk(kc, kc)  # [B, H, n, C, C]
         qk = batched_qk(qc, kc)
         if g_s is None:
             decay_qk = mask.to(cd)
             k_in, q_out, k_out, chunk_decay = kc, qc, kc, None
         else:
-            gs = g_s.permute(0, 2, 1).reshape(B, H, n, C).to(torch.float64)
-            bc = gs.cumsum(-1)
+            bc = g_s.view(B, n, C, H).permute(1, 0, 3, 2).to(torch.float64).cumsum(-1)  # [n, B, H, C]
             if -float(bc[..., -1].detach().min()) <= SAFE_SPAN:
                 bc = bc.to(cd)
-            decay_qk, decay_q, decay_k, *_ = _scalar_chunk._decay_factors(bc, mask, 0.0, cd)
+            # exp(b_i - b_j) masked to j <= i, exp(b_i), exp(b_C - b_j); exponents <= 0
+            decay_qk = torch.where(mask, bc.unsqueeze(-1) - bc.unsqueeze(-2), float("-inf")).to(cd).exp()
+            decay_q = bc.to(cd).exp().unsqueeze(-1)
+            decay_k = (bc[..., -1:] - bc).to(cd).exp().unsqueeze(-1)
             k_in = kc * decay_q  # exp(b_t) k_t
             q_out = qc * decay_q  # exp(b_t) q_t
             k_out = kc * decay_k  # exp(b_C - b_j) k_j
-            chunk_decay = decay_q[..., -1:, :]  # exp(b_C), [B, H, n, 1, 1]
+            chunk_decay = decay_q[..., -1:, :]  # exp(b_C), [n, B, H, 1, 1]
         # 2. UT transform: [U | W] = (I + tril(beta K K^T * D, -1))^{-1} beta [V | exp(b) K]
         # (inverting A and applying it by matmuls was 2x faster here than solving for [V | K])
         A = eye + bt * kk * decay_qk * strict
         A_inv = torch.linalg.solve_triangular(A, eye.expand_as(A), upper=False, unitriangular=True)
         T_beta = (A_inv * bt.transpose(-1, -2)).view(-1, C, C)  # A^{-1} diag(beta)
-        U = torch.bmm(T_beta, vc.view(-1, C, V)).view(B, H, n, C, V)
-        W = torch.bmm(T_beta, k_in.reshape(-1, C, K)).view(B, H, n, C, K)
+        U = torch.bmm(T_beta, vc.view(-1, C, V)).view(n, B, H, C, V)
+        W = torch.bmm(T_beta, k_in.reshape(-1, C, K)).view(n, B, H, C, K)
         scores = qk * decay_qk * scale  # masked: decay_qk is 0 above the diagonal
         # 3. inter-chunk pass. With Delta_c = U_c - W_c S the state update is affine in S:
         # S' = (exp(b_C) I - K_out^T W) S + K_out^T U. Both factors are batched over all chunks,
         # leaving one [K, K] x [K, V] gemm per chunk in the sequential loop.
-        M = batched_kv(k_out, W)  # [B, H, n, K, K]
-        Nm = batched_kv(k_out, U)  # [B, H, n, K, V]
+        M = batched_kv(k_out, W)  # [n, B, H, K, K]
+        Nm = batched_kv(k_out, U)  # [n, B, H, K, V]
         M = (eye_k if chunk_decay is None else chunk_decay * eye_k) - M
-        S_prev, S = affine_state_pass(M, Nm, S)  # S_prev: the state entering each chunk
-        Delta = U - torch.matmul(W, S_prev)  # [B, H, n, C, V]
+        S_prev, S = affine_state_pass(M, Nm, S, chunk_major=True)  # the state entering each chunk
+        Delta = U - torch.matmul(W, S_prev)  # [n, B, H, C, V]
         # 4. output: the carried state read by the decayed queries, plus intra-chunk corrections
         o = torch.bmm(scores.reshape(-1, C, C), Delta.view(-1, C, V))
         o = o.baddbmm_(q_out.reshape(-1, C, K), S_prev.view(-1, K, V), alpha=scale)
-        outs.add(s, o.view(B, H, e - s, V))
+        outs.add_chunk_major(s, o.view(n, B, H, C, V))
     return outs.result(), (S if output_final_state else None)
