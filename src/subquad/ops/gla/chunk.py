@@ -120,17 +120,21 @@ def chunk_gla(
         e = min(s + L, Tp)
         n = (e - s) // C
         q_s, k_s, v_s, g_s = (p[seg] for p in pieces)
-        qc, kc, vc, gc = (to_chunks(x, C, cd) for x in (q_s, k_s, v_s, g_s))  # [B, H, n, C, D]
-        bc = gc.cumsum(-2)
+        # [B, H, n, C, D] views of the time-major inputs: the elementwise ops below read them
+        # strided and write contiguous results, so q, k and g need no separate layout copy
+        qv, kv, gv = (x.view(B, n, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q_s, k_s, g_s))
+        vc = to_chunks(v_s, C, cd)
+        bc = gv.cumsum(-2, dtype=cd)
         last = bc[..., -1:, :]  # [B, H, n, 1, K] decay over each chunk
         if -float(last.detach().min()) <= SAFE_SPAN:
             # 1a. moderate decay: factor every chunk around its midpoint r = b_C / 2. The query
             # then needs exp(r) and each key exp(b_C - r) more: per-chunk [K] factors that are
             # applied to the small [K, V] states in the state pass instead of to q and k
             r = last * 0.5
-            E = (bc - r).exp()  # within [e^-30, e^30]
-            q_out = qc * E  # q_i * exp(b_i - r)
-            k_out = kc / E  # k_j * exp(r - b_j)
+            E = (bc - r).exp_()  # within [e^-30, e^30]
+            # E first: an elementwise result takes the layout of its first operand (contiguous here)
+            q_out = torch.mul(E, qv)  # q_i * exp(b_i - r)
+            k_out = torch.mul(E.reciprocal(), kv)  # k_j * exp(r - b_j)
             scores = batched_qk(q_out, k_out) * scaled_mask
             read = (r.exp() * scale).transpose(-1, -2)  # [B, H, n, K, 1]
             write = (last - r).exp().transpose(-1, -2)
@@ -138,6 +142,7 @@ def chunk_gla(
             # 1b. strong decay somewhere in the segment: secondary chunking, no overflow possible.
             # b reaches thousands of nats here: accumulate it in float64 so the differences of
             # nearby tokens, which carry all the weight, keep float32 accuracy
+            qc, kc = (to_chunks(x, C, cd) for x in (q_s, k_s))
             bc = to_chunks(g_s, C, torch.float64).cumsum(-2)
             last = bc[..., -1:, :]
             scores = intra_chunk_scores(qc, kc, bc, c) * scale
