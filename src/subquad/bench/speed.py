@@ -49,7 +49,7 @@ SLOW_CALL_S = 2.0
 class SpeedConfig:
     """What ``subquad bench speed`` measures. Validated on construction."""
 
-    seq_lens: tuple[int, ...] = (1024, 4096, 16384, 65536)
+    seq_lens: tuple[int, ...] = (1024, 4096, 16384)
     batch: int = 1
     heads: int = 8
     head_dim: int = 64
@@ -61,8 +61,8 @@ class SpeedConfig:
     backward: bool = True
     chunk_size: int | None = None  # None: each op's own default
     sdpa_max_len: int = 16384
-    recurrent_max_len: int = 16384
-    backward_max_len_recurrent: int = 4096
+    recurrent_max_len: int = 4096
+    backward_max_len_recurrent: int = 1024
     reference_max_len: int = 4096
     threads: int | None = None
     device: str = "cpu"
