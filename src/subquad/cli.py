@@ -23,13 +23,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"{'op':<14}{'modes':<28}{'variants':<30}{'gate':<9}{'state':<16}{'state/seq':>10}  paper")
     for spec in list_ops():
         variants = ",".join(v.name for v in spec.variants)
-        state = "[" + ", ".join(spec.state) + "]"
+        state = "[" + ", ".join(spec.state) + "]" if spec.stateful else "KV cache"
         kib = spec.state_bytes_per_sequence(H=8, K=64, V=64) / 1024
         print(
             f"{spec.name:<14}{','.join(spec.modes):<28}{variants:<30}{spec.gate:<9}{state:<16}"
             f"{kib:>7.0f} KiB  {spec.paper} <{spec.url}>"
         )
-    print("state/seq: float32 state of one sequence at H=8, K=V=64 (independent of T)")
+    print("state/seq: float32 state of one sequence at H=8, K=V=64 (independent of T; attention keeps a")
+    print("KV cache instead, which grows with T)")
     return 0
 
 

@@ -91,7 +91,8 @@ class OpSpec:
         modes: the modes it implements; ``"reference"`` is always the spec.
         gate: ``"none"``, ``"scalar"`` (per head and token), ``"constant"`` (per head) or
             ``"vector"`` (per key dim).
-        state: the state's dims, e.g. ``("N", "H", "K", "V")``.
+        state: the state's dims, e.g. ``("N", "H", "K", "V")``; ``()`` for an op without a
+            recurrent state (softmax attention: its memory is a KV cache that grows with T).
         paper: title and year; url: a link to it.
         summary: the recurrence in one line.
         flops_per_token: ``f(mode, K, V, chunk_size) -> int``, matmul-equivalent FLOPs one token of
@@ -99,7 +100,8 @@ class OpSpec:
         prepare: optional ``prepare(inputs, generator) -> inputs`` run on the float64 inputs after
             they are built, for joint constraints between inputs (e.g. RWKV-7's ``a`` and ``b``).
         flops: optional ``f(mode, dims) -> int`` total FLOPs of one call, overriding
-            ``flops_per_token`` (dims: B, T, H, K, V, C), for ops whose cost is not per head.
+            ``flops_per_token`` (dims: B, T, H, K, V, C and the variant's kwargs), for ops whose cost
+            is not per head and per token.
         fixed_dims: sizes of op-specific dim letters used in ``tensors`` or ``state`` beyond
             B, T, H, K, V, N (e.g. ``{"M": 4}`` memories), fixed for tests and benchmarks.
     """
@@ -119,11 +121,28 @@ class OpSpec:
     flops: Callable[[str, Mapping[str, int]], int] | None = None
     fixed_dims: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
-    def total_flops(self, mode: str, *, B: int, T: int, H: int, K: int, V: int, chunk_size: int = 64) -> int:
+    @property
+    def stateful(self) -> bool:
+        """Whether the op carries a recurrent state (``initial_state`` / ``final_state``)."""
+        return bool(self.state)
+
+    def total_flops(
+        self,
+        mode: str,
+        *,
+        B: int,
+        T: int,
+        H: int,
+        K: int,
+        V: int,
+        chunk_size: int = 64,
+        variant: Variant | None = None,
+    ) -> int:
         """FLOPs of one forward call: ``flops(mode, dims)`` when the op gives it, else
         ``flops_per_token(mode, K, V, chunk_size) * B * T * H``."""
         if self.flops is not None:
-            return int(self.flops(mode, {"B": B, "T": T, "H": H, "K": K, "V": V, "C": chunk_size}))
+            dims = {"B": B, "T": T, "H": H, "K": K, "V": V, "C": chunk_size}
+            return int(self.flops(mode, {**(dict(variant.kwargs) if variant is not None else {}), **dims}))
         return int(self.flops_per_token(mode, K, V, chunk_size)) * B * T * H
 
     def variant(self, name: str = "default") -> Variant:
@@ -142,7 +161,9 @@ class OpSpec:
         return tuple(sizes[d] for d in self.state)
 
     def state_bytes_per_sequence(self, H: int, K: int, V: int) -> int:
-        """Bytes of float32 recurrent state one sequence carries (independent of T)."""
+        """Bytes of float32 recurrent state one sequence carries (independent of T; 0 if none)."""
+        if not self.stateful:
+            return 0
         n = 1
         for d in self.state_shape(1, H, K, V):
             n *= d
@@ -637,5 +658,65 @@ register(
         summary="S_t = (diag(exp(w_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T; o_t = scale * S_t^T r_t",
         flops_per_token=lambda mode, K, V, C: _rwkv7_flops(mode, K, V, 16),
         prepare=_rwkv7_prepare,
+    )
+)
+
+
+def _attention_op(q, k, v, *, mode="chunk", initial_state=None, output_final_state=False, **kwargs):
+    """The op contract's calling convention around :func:`subquad.ops.attention` (which returns
+    ``o`` alone): ``(o, None)``; there is no recurrent state to pass in or out."""
+    if initial_state is not None:
+        raise ValueError(
+            "attention keeps no recurrent state: initial_state must be None (its memory is the KV cache)"
+        )
+    return ops.attention(q, k, v, mode=mode, **kwargs), None
+
+
+def _attention_pairs(T: int, causal: bool, window: int | None, sinks: int) -> int:
+    """Visible (query, key) pairs: the work of exact attention that skips what is masked."""
+    if window is None:
+        return T * (T + 1) // 2 if causal else T * T
+    w = min(window, T)
+    near = w * T - w * (w - 1) // 2  # sum over queries of min(i + 1, w)
+    if not causal:
+        near = 2 * near - T
+    far = sum(max(0, min(sinks, i - w + 1)) for i in range(T)) if sinks else 0
+    return near + (far if causal else 2 * far)
+
+
+def _attention_flops(mode: str, dims: Mapping[str, int]) -> int:
+    """2 (K + V) FLOPs per visible (query, key) pair per head: q . k and p * v."""
+    pairs = _attention_pairs(dims["T"], dims.get("causal", True), dims.get("window"), dims.get("sinks", 0))
+    return dims["B"] * dims["H"] * pairs * 2 * (dims["K"] + dims["V"])
+
+
+register(
+    OpSpec(
+        name="attention",
+        fn=_attention_op,
+        tensors=QKV,
+        variants=(
+            Variant(name="default", positional=("q", "k", "v"), streaming=False),
+            Variant(
+                name="window",
+                positional=("q", "k", "v"),
+                kwargs=MappingProxyType({"window": 8, "sinks": 2}),
+                streaming=False,
+            ),
+            Variant(
+                name="noncausal",
+                positional=("q", "k", "v"),
+                kwargs=MappingProxyType({"causal": False}),
+                streaming=False,
+            ),
+        ),
+        modes=("reference", "chunk"),
+        gate="none",
+        state=(),
+        paper="FlashAttention (2022) / StreamingLLM attention sinks (2023)",
+        url="https://arxiv.org/abs/2205.14135",
+        summary="o_i = sum_j softmax_j(scale q_i . k_j) v_j over the visible keys (causal, window, sinks)",
+        flops_per_token=lambda mode, K, V, C: 0,
+        flops=_attention_flops,
     )
 )

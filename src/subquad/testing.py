@@ -82,12 +82,13 @@ def differentiable_inputs(
     spec: OpSpec, variant: Variant, *, with_state: bool = True, N: int | None = None, **dims
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Random inputs (``requires_grad``) plus a random initial state ``[N, H, K, V]`` (float32;
-    float64 for float64 inputs) for ``variant``; ``dims`` go to ``OpSpec.make_inputs``."""
+    float64 for float64 inputs; None for an op without state) for ``variant``; ``dims`` go to
+    ``OpSpec.make_inputs``."""
     inputs = spec.make_inputs(variant, **dims)
     dtype = dims.get("dtype", torch.float32)
     device = dims.get("device", "cpu")
     state = None
-    if with_state:
+    if with_state and spec.stateful:
         B, H = dims.get("B", 2), dims.get("H", 2)
         K, V = dims.get("K", 16), dims.get("V", 16)
         shape = spec.state_shape(N if N is not None else B, H, K, V, variant)

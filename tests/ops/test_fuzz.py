@@ -36,7 +36,7 @@ def test_any_shape_matches_reference(problem):
     spec, var, mode, dims, chunk, gates, seed, with_state = problem
     inputs = spec.make_inputs(var, **dims, dtype=torch.float64, seed=seed, gates=gates)
     state = None
-    if with_state:
+    if with_state and spec.stateful:
         shape = spec.state_shape(dims["B"], dims["H"], dims["K"], dims["V"], var)
         state = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     o, s = spec.call(inputs, var, mode=mode, chunk_size=chunk, initial_state=state, output_final_state=True)

@@ -207,7 +207,7 @@ def run_speed(cfg: SpeedConfig, progress: bool = True) -> dict:
                 continue
             inputs = spec.make_inputs(var, B=B, T=T, H=H, K=D, V=D, dtype=dtype, device=device, seed=0)
             chunk = cfg.chunk_size or _default_chunk_size(spec)
-            flops = spec.total_flops(mode, B=B, T=T, H=H, K=D, V=D, chunk_size=chunk)
+            flops = spec.total_flops(mode, B=B, T=T, H=H, K=D, V=D, chunk_size=chunk, variant=var)
             kw = {"mode": mode}
             if mode == "chunk":
                 kw["chunk_size"] = chunk

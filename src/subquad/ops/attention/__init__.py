@@ -1,0 +1,100 @@
+"""attention: exact softmax attention (tiled, O(T) memory), causal / windowed / with sinks, GQA.
+
+Shape legend: B batch, T time, H query heads, Hk key/value heads (dividing H), K key dim,
+V value dim, N sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from subquad.ops._common import validation as val
+from subquad.ops._common.varlen import seq_bounds
+from subquad.ops.attention.chunk import chunk_attention
+from subquad.ops.attention.reference import reference_attention
+
+MODES = ("reference", "chunk")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    sinks: int = 0,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    mode: str = "chunk",
+    chunk_size: int = 128,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention, ``o_i = sum_j softmax_j(scale q_i . k_j) v_j`` over the keys query
+    i may see: all (``causal=False``), ``j <= i`` (causal), the last ``window`` positions
+    (``i - j < window``; two-sided when not causal), plus the first ``sinks`` keys (attention sinks,
+    StreamingLLM, https://arxiv.org/abs/2309.17453).
+
+    ``mode="chunk"`` is the FlashAttention algorithm (Dao et al. 2022,
+    https://arxiv.org/abs/2205.14135): online softmax over key blocks, forward and a recomputing
+    backward in O(T) memory, cost proportional to the visited blocks (a window visits ~window/b
+    key blocks per query block). ``mode="reference"`` is the per-query specification.
+
+    Args:
+        q: ``[B, T, H, K]``. k: ``[B, T, Hk, K]``, v: ``[B, T, Hk, V]`` with Hk dividing H (grouped
+            query heads: query head h reads key/value head ``h // (H / Hk)``).
+        causal, window, sinks: which keys each query sees (``window >= 1``; sinks need a window).
+        scale: default ``K ** -0.5``.
+        cu_seqlens: int64 ``[N + 1]`` packed sequences (B = 1); no attention across them.
+        chunk_size: the block size b of the tiled form.
+        return_lse: also return the log-sum-exp of the scores ``[B, T, H]`` (float32; float64 for
+            float64 inputs), with which partial results over disjoint key sets merge exactly.
+
+    Returns:
+        ``o [B, T, H, V]`` in q's dtype, or ``(o, lse)`` with ``return_lse``.
+    """
+    val.check_tensor("q", q, 4, "[B, T, H, K]")
+    val.check_tensor("k", k, 4, "[B, T, Hk, K]")
+    val.check_tensor("v", v, 4, "[B, T, Hk, V]")
+    val.check_same_dtype_device({"q": q, "k": k, "v": v})
+    B, T, H, K = q.shape
+    Hk = k.shape[2]
+    if T == 0 or K == 0:
+        raise ValueError(f"q must have T >= 1 and K >= 1, got shape {list(q.shape)}")
+    if k.shape[:2] != (B, T) or k.shape[3] != K or Hk == 0 or H % Hk:
+        raise ValueError(
+            f"k must have shape [B, T, Hk, K] = [{B}, {T}, Hk, {K}] with Hk dividing H = {H}, "
+            f"got {list(k.shape)}"
+        )
+    if v.shape[:3] != (B, T, Hk) or v.shape[3] == 0:
+        raise ValueError(f"v must have shape [B, T, Hk, V] = [{B}, {T}, {Hk}, V] like k, got {list(v.shape)}")
+    val.check_mode(mode, MODES)
+    val.check_chunk_size(chunk_size)
+    scale = val.resolve_scale(scale, K)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
+    if sinks and window is None:
+        raise ValueError("sinks only apply with a window (without one every key is already seen)")
+    val.check_cu_seqlens(cu_seqlens, B, T, q.device)
+    if Hk != H:
+        # grouped heads: each key/value head serves H / Hk query heads (autograd sums them back)
+        k, v = (x.repeat_interleave(H // Hk, dim=2) for x in (k, v))
+
+    def run(q_, k_, v_):
+        if mode == "reference":
+            o_, lse_ = reference_attention(q_, k_, v_, causal, window, sinks, scale)
+            return o_.to(q.dtype), lse_
+        return chunk_attention(q_, k_, v_, causal, window, sinks, scale, chunk_size)
+
+    if cu_seqlens is None:
+        o, lse = run(q, k, v)
+    else:
+        # one sequence at a time: zero padding is not neutral for softmax (a zero key scores 0)
+        sizes = [e - s for s, e in seq_bounds(cu_seqlens)]
+        parts = [run(*p) for p in zip(*(x.split(sizes, 1) for x in (q, k, v)), strict=True)]
+        o, lse = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+    return (o, lse) if return_lse else o

@@ -1,0 +1,192 @@
+"""Exact tiled attention (the FlashAttention algorithm) with a recomputing backward, on CPU.
+
+Shape legend: B batch, T time, H heads, K key dim, V value dim, b block size, nb blocks,
+I query block, J key block, d = I - J the block offset.
+
+Forward: online softmax over key blocks. A running max m, normalizer l and output accumulator
+are kept per query row; each visited key block updates them, and o = acc / l,
+lse = m + log l. Memory is O(T b), never O(T^2).
+
+The visited (I, J) pairs are walked by offset d: for one d, every query block I pairs with key
+block J = I - d, so all of them are one batched matmul (blocks are stored block-major,
+``[nb, B*H, b, D]``, so the slices of one offset are contiguous). Causal attention visits
+d = 0 .. nb-1, a window of w tokens only the ~w/b offsets it reaches, and attention sinks add one
+pass over the first keys for the query blocks the window does not reach. Only block pairs cut
+by the causal diagonal, the window edge or the padding are masked.
+
+Backward recomputes the probabilities block by block from the saved lse,
+``P = exp(S - lse)``, and accumulates ``dV += P^T dO``, ``dS = P * (dO V^T - delta)`` with
+``delta = rowsum(dO * O)``, ``dQ += dS K``, ``dK += dS^T Q``: O(T b) memory again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from subquad.ops._common.chunking import pad_time, state_dtype
+from subquad.ops.attention.masks import allowed
+
+
+def _to_blocks(x: torch.Tensor, b: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, Tp, H, D]`` -> block-major ``[nb, B*H, b, D]`` (one copy)."""
+    B, Tp, H, D = x.shape
+    xp = x.view(B, Tp // b, b, H, D).permute(1, 0, 3, 2, 4)
+    return torch.empty(xp.shape, dtype=dtype, device=x.device).copy_(xp).view(Tp // b, B * H, b, D)
+
+
+def _from_blocks(x: torch.Tensor, B: int, H: int, T: int) -> torch.Tensor:
+    """Block-major ``[nb, B*H, b, D]`` -> ``[B, T, H, D]``."""
+    nb, _, b, D = x.shape
+    return x.view(nb, B, H, b, D).permute(1, 0, 3, 2, 4).reshape(B, nb * b, H, D)[:, :T]
+
+
+class _Plan:
+    """The block pairs to visit: offsets ``d`` with their query / key block ranges and masks."""
+
+    def __init__(self, T, b, causal, window, sinks, device):
+        self.T, self.b, self.causal, self.window, self.sinks = T, b, causal, window, sinks
+        nb = -(-T // b)
+        self.nb = nb
+        reach = nb - 1 if window is None else min(nb - 1, (window + b - 2) // b)
+        self.offsets = range(0, reach + 1) if causal else range(-reach, reach + 1)
+        self.pos = torch.arange(nb * b, device=device).view(nb, b)
+        # sink pass over every query block, for the sink keys in blocks the offsets do not visit
+        self.reach = reach
+        self.sink_from = 0 if (window is not None and sinks and reach + 1 < nb) else None
+
+    def pairs(self, d):
+        """``(I0, I1, J0, J1, mask or None)`` for offset d (mask ``[nI, 1, b, b]``)."""
+        nb, b = self.nb, self.b
+        I0, I1 = max(0, d), nb + min(0, d)
+        J0, J1 = I0 - d, I1 - d
+        edge = self.window is not None and (abs(d) + 1) * b - 1 >= self.window
+        padded = J1 == nb and nb * b > self.T
+        if (self.causal and d == 0) or edge or padded:
+            qi = self.pos[I0:I1].unsqueeze(-1)
+            kj = self.pos[J0:J1].unsqueeze(-2)
+            return I0, I1, J0, J1, allowed(qi, kj, self.causal, self.window, self.sinks, self.T).unsqueeze(1)
+        return I0, I1, J0, J1, None
+
+    def sink_mask(self):
+        """Mask ``[nI, 1, b, s]`` of the first s keys for query blocks ``sink_from ..``: visible,
+        and not in a block the offsets visit (those keys were counted there)."""
+        s = min(self.sinks, self.T)
+        qi = self.pos[self.sink_from :].unsqueeze(-1)  # [nI, b, 1]
+        kj = torch.arange(s, device=qi.device).view(1, 1, s)
+        q_block = torch.arange(self.sink_from, self.nb, device=qi.device).view(-1, 1, 1)
+        offset = q_block - kj // self.b
+        # causal: blocks earlier than the offsets reach; otherwise beyond them on either side
+        ok = (offset > self.reach) & (kj <= qi) if self.causal else offset.abs() > self.reach
+        return ok.unsqueeze(1)
+
+
+def _first_keys(x: torch.Tensor, s: int) -> torch.Tensor:
+    """The first s positions of block-major ``x [nb, BH, b, D]`` as ``[1, BH, s, D]``."""
+    _, BH, b, D = x.shape
+    n = -(-s // b)
+    return x[:n].permute(1, 0, 2, 3).reshape(1, BH, n * b, D)[:, :, :s]
+
+
+def _add_first_keys(x: torch.Tensor, grad: torch.Tensor) -> None:
+    """``x[:, :, first s positions] += grad [BH, s, D]`` for block-major ``x``, in place."""
+    _, BH, b, D = x.shape
+    s = grad.shape[1]
+    n = -(-s // b)
+    full = grad.new_zeros(BH, n * b, D)
+    full[:, :s] = grad
+    x[:n] += full.view(BH, n, b, D).permute(1, 0, 2, 3)
+
+
+def _scores(q, k, scale, mask):
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    return s if mask is None else s.masked_fill_(~mask, float("-inf"))
+
+
+def _forward(q, k, v, plan, scale):
+    nb, BH, b, _ = q.shape
+    Vd = v.shape[-1]
+    m = torch.full((nb, BH, b), float("-inf"), dtype=q.dtype, device=q.device)
+    l = torch.zeros(nb, BH, b, dtype=q.dtype, device=q.device)
+    acc = torch.zeros(nb, BH, b, Vd, dtype=q.dtype, device=q.device)
+
+    def update(I0, I1, s, vb):
+        # online softmax: rescale what was accumulated under the old max
+        m_old = m[I0:I1]
+        m_new = torch.maximum(m_old, s.amax(-1))
+        m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with nothing seen yet
+        p = torch.exp(s - m_safe.unsqueeze(-1))
+        corr = torch.exp(m_old - m_safe)
+        l[I0:I1].mul_(corr).add_(p.sum(-1))
+        acc[I0:I1].mul_(corr.unsqueeze(-1)).add_(torch.matmul(p, vb))
+        m_old.copy_(m_new)
+
+    for d in plan.offsets:
+        I0, I1, J0, J1, mask = plan.pairs(d)
+        update(I0, I1, _scores(q[I0:I1], k[J0:J1], scale, mask), v[J0:J1])
+    if plan.sink_from is not None:
+        n_s = min(plan.sinks, plan.T)
+        ks, vs = _first_keys(k, n_s), _first_keys(v, n_s)
+        update(plan.sink_from, nb, _scores(q[plan.sink_from :], ks, scale, plan.sink_mask()), vs)
+    # a row that saw no key (only padding rows: every real query sees itself or a key) gets o = 0
+    # and lse = +inf, so its recomputed probabilities exp(s - lse) are 0, not NaN
+    seen = l > 0
+    lse = torch.where(seen, m + torch.log(l), float("inf"))
+    return acc / torch.where(seen, l, 1.0).unsqueeze(-1), lse
+
+
+def _backward(q, k, v, o, lse, do, dlse, plan, scale):
+    # d lse_i / d s_ij = p_ij, so a gradient on lse enters dS = P * (dP - delta + dlse)
+    delta = (do * o).sum(-1) - dlse  # [nb, BH, b]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    def accumulate(I, J, qb, kb, vb, s):
+        p = torch.exp(s - lse[I].unsqueeze(-1))  # masked scores give exactly 0
+        dv[J] += torch.matmul(p.transpose(-1, -2), do[I])
+        ds = p * (torch.matmul(do[I], vb.transpose(-1, -2)) - delta[I].unsqueeze(-1))
+        dq[I] += torch.matmul(ds, kb) * scale
+        return torch.matmul(ds.transpose(-1, -2), qb) * scale  # the keys' gradient
+
+    for d in plan.offsets:
+        I0, I1, J0, J1, mask = plan.pairs(d)
+        I, J = slice(I0, I1), slice(J0, J1)
+        dk[J] += accumulate(I, J, q[I], k[J], v[J], _scores(q[I], k[J], scale, mask))
+    if plan.sink_from is not None:
+        n_s = min(plan.sinks, plan.T)
+        I = slice(plan.sink_from, plan.nb)
+        ks, vs = _first_keys(k, n_s), _first_keys(v, n_s)
+        s = _scores(q[I], ks, scale, plan.sink_mask())
+        p = torch.exp(s - lse[I].unsqueeze(-1))
+        _add_first_keys(dv, torch.matmul(p.transpose(-1, -2), do[I]).sum(0))
+        ds = p * (torch.matmul(do[I], vs.transpose(-1, -2)) - delta[I].unsqueeze(-1))
+        dq[I] += torch.matmul(ds, ks) * scale
+        _add_first_keys(dk, (torch.matmul(ds.transpose(-1, -2), q[I]) * scale).sum(0))
+    return dq, dk, dv
+
+
+class _TiledAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale):
+        o, lse = _forward(q, k, v, plan, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.plan, ctx.scale = plan, scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, lse, do.contiguous(), dlse, ctx.plan, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def chunk_attention(q, k, v, causal, window, sinks, scale, block_size):
+    """q, k ``[B, T, H, K]``, v ``[B, T, H, V]`` (heads already matched): ``(o, lse [B, T, H])``."""
+    B, T, H, _ = q.shape
+    cd = state_dtype(q.dtype)
+    b = min(block_size, T)
+    plan = _Plan(T, b, causal, window, sinks, q.device)
+    # zero padding to whole blocks: padded keys are masked, padded queries dropped
+    qb, kb, vb = (_to_blocks(pad_time(x, b), b, cd) for x in (q, k, v))
+    o, lse = _TiledAttention.apply(qb, kb, vb, plan, scale)
+    o = _from_blocks(o, B, H, T).to(q.dtype)
+    lse = _from_blocks(lse.unsqueeze(-1), B, H, T).squeeze(-1)
+    return o, lse

@@ -1,0 +1,116 @@
+"""Softmax attention specifics: grouped heads, log-sum-exp merging, windows with sinks against a
+dense mask, agreement with torch's SDPA, and bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from subquad.ops import attention
+from subquad.registry import get_op
+from subquad.testing import assert_close
+
+F64 = torch.float64
+
+
+def _qkv(B=2, T=40, H=4, Hk=4, K=8, V=6, seed=0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen, dtype=dtype)
+    k = torch.randn(B, T, Hk, K, generator=gen, dtype=dtype)
+    v = torch.randn(B, T, Hk, V, generator=gen, dtype=dtype)
+    return q, k, v
+
+
+def _sdpa(q, k, v, mask=None, causal=False):
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal
+    )
+    return o.transpose(1, 2)
+
+
+@pytest.mark.parametrize("mode", ["reference", "chunk"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_matches_torch_sdpa(mode, causal):
+    q, k, v = _qkv(T=45)
+    got = attention(q, k, v, causal=causal, mode=mode, chunk_size=16)
+    assert_close(got, _sdpa(q, k, v, causal=causal), F64, name="o vs SDPA")
+
+
+@pytest.mark.parametrize("mode", ["reference", "chunk"])
+def test_window_and_sinks_match_a_dense_mask(mode):
+    q, k, v = _qkv(T=50)
+    i = torch.arange(50)[:, None]
+    j = torch.arange(50)[None, :]
+    mask = (j <= i) & ((i - j < 7) | (j < 3))
+    got = attention(q, k, v, window=7, sinks=3, mode=mode, chunk_size=8)
+    assert_close(got, _sdpa(q, k, v, mask=mask), F64, name="window 7 + 3 sinks")
+
+
+@pytest.mark.parametrize("mode", ["reference", "chunk"])
+def test_grouped_heads_equal_repeated_heads(mode):
+    q, k, v = (x.requires_grad_(True) for x in _qkv(Hk=2))
+    o = attention(q, k, v, mode=mode, chunk_size=16)
+    ro = attention(q, k.repeat_interleave(2, 2), v.repeat_interleave(2, 2), mode="reference")
+    assert_close(o, ro, F64, name="GQA output")
+    g = torch.autograd.grad(o.sum(), [k, v])
+    rg = torch.autograd.grad(ro.sum(), [k, v])
+    for a, b in zip(g, rg, strict=True):
+        assert_close(a, b, F64, name="GQA key/value gradient")
+
+
+def test_lse_merges_partial_results():
+    """Attention over keys [0, s) and [s, T) separately, merged by their log-sum-exps, equals
+    attention over all keys: the split-K rule a decode step relies on."""
+    q, k, v = _qkv(T=33)
+    s = 14
+    o, lse = attention(q, k, v, causal=False, return_lse=True, chunk_size=8)
+    o1, l1 = _partial(q, k[:, :s], v[:, :s])
+    o2, l2 = _partial(q, k[:, s:], v[:, s:])
+    m = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    merged = (o1 * w1[..., None] + o2 * w2[..., None]) / (w1 + w2)[..., None]
+    assert_close(merged, o, F64, name="merged output")
+    assert_close(m + torch.log(w1 + w2), lse, F64, name="merged lse")
+
+
+def _partial(q, k, v):
+    """Non-causal attention of every query over a subset of the keys, with its lse (dense)."""
+    s = torch.einsum("bthk,bshk->bhts", q, k) * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(s, -1)
+    o = torch.einsum("bhts,bshv->bthv", torch.softmax(s, -1), v)
+    return o, lse.transpose(1, 2)
+
+
+def test_memory_is_linear_in_blocks():
+    """The tiled forward never forms a [T, T] score matrix: its largest intermediate is one
+    offset's block pairs, [nb, B*H, b, b], i.e. T * b per head."""
+    q, k, v = _qkv(B=1, T=512, H=1, Hk=1, dtype=torch.float32)
+    seen = []
+
+    class Probe(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                seen.append(out.numel())
+            return out
+
+    with torch.no_grad(), Probe():
+        attention(q, k, v, chunk_size=32)
+    assert max(seen) <= 512 * 32 * 2, f"largest intermediate {max(seen)} elements"
+
+
+def test_bad_inputs():
+    q, k, v = _qkv(T=6)
+    with pytest.raises(ValueError, match="Hk dividing H"):
+        attention(q, k[:, :, :3], v[:, :, :3])
+    with pytest.raises(ValueError, match="window must be None or an int >= 1"):
+        attention(q, k, v, window=0)
+    with pytest.raises(ValueError, match="sinks only apply with a window"):
+        attention(q, k, v, sinks=2)
+    with pytest.raises(ValueError, match="sinks must be an int >= 0"):
+        attention(q, k, v, window=3, sinks=-1)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        attention(q, k, v, causal=1)
+    with pytest.raises(ValueError, match="keeps no recurrent state"):
+        get_op("attention").fn(q, k, v, initial_state=torch.zeros(2, 4, 8, 6))
