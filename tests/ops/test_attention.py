@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from subquad.ops import attention
+from subquad.ops import attention, attention_decode
 from subquad.registry import get_op
 from subquad.testing import assert_close
 
@@ -114,3 +114,29 @@ def test_bad_inputs():
         attention(q, k, v, causal=1)
     with pytest.raises(ValueError, match="keeps no recurrent state"):
         get_op("attention").fn(q, k, v, initial_state=torch.zeros(2, 4, 8, 6))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_step_matches_attention(num_splits):
+    """A one-query step against a cache == the last row of causal attention over cache + token;
+    with cache_seqlens, each sequence sees only its own prefix."""
+    q, k, v = _qkv(B=2, T=30, H=4, Hk=2)
+    o = attention_decode(q[:, -1:], k, v, num_splits=num_splits)
+    ref = attention(q, k, v, mode="reference")[:, -1:]
+    assert_close(o, ref, F64, name="decode vs attention")
+    lens = torch.tensor([30, 17])
+    o, lse = attention_decode(q[:, -1:], k, v, cache_seqlens=lens, num_splits=num_splits, return_lse=True)
+    k1, v1 = (x[1:, :17].repeat_interleave(2, 2) for x in (k, v))
+    ro, rl = _partial(q[1:, -1:], k1, v1)  # the second sequence: only its first 17 cached keys
+    assert_close(o[1:], ro, F64, name="decode with cache_seqlens")
+    assert_close(lse[1:], rl, F64, name="decode lse")
+
+
+def test_decode_bad_inputs():
+    q, k, v = _qkv(T=6)
+    with pytest.raises(ValueError, match=r"q must have shape \[B, 1, H, K\]"):
+        attention_decode(q, k, v)
+    with pytest.raises(ValueError, match="cache_seqlens must lie in"):
+        attention_decode(q[:, :1], k, v, cache_seqlens=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="num_splits must be an int >= 1"):
+        attention_decode(q[:, :1], k, v, num_splits=0)

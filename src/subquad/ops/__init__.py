@@ -1,6 +1,6 @@
 """The ops: pure tensor functions, one folder per family. See DESIGN.md section 2 for the contract."""
 
-from subquad.ops.attention import attention
+from subquad.ops.attention import attention, attention_decode
 from subquad.ops.delta_rule import delta_rule, gated_delta_rule
 from subquad.ops.gla import gla
 from subquad.ops.linear_attn import linear_attn
@@ -13,6 +13,7 @@ from subquad.ops.ttt_linear import ttt_linear
 
 __all__ = [
     "attention",
+    "attention_decode",
     "delta_rule",
     "gated_delta_rule",
     "gla",

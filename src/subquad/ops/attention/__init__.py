@@ -11,6 +11,7 @@ import torch
 from subquad.ops._common import validation as val
 from subquad.ops._common.varlen import seq_bounds
 from subquad.ops.attention.chunk import chunk_attention
+from subquad.ops.attention.decode import decode_attention
 from subquad.ops.attention.reference import reference_attention
 
 MODES = ("reference", "chunk")
@@ -98,3 +99,59 @@ def attention(
         parts = [run(*p) for p in zip(*(x.split(sizes, 1) for x in (q, k, v)), strict=True)]
         o, lse = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
     return (o, lse) if return_lse else o
+
+
+def attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    cache_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    num_splits: int = 4,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step: a single query per sequence against its KV cache, split over the keys
+    and merged by log-sum-exp (split-K / Flash-Decoding).
+
+    Args:
+        q: ``[B, 1, H, K]`` the new token's queries.
+        k_cache, v_cache: ``[B, S, Hk, K]``, ``[B, S, Hk, V]`` (the library's layout; read in place
+            through strided views), Hk dividing H.
+        cache_seqlens: int ``[B]`` valid cache lengths (keys past them are ignored); default S.
+        scale: default ``K ** -0.5``. num_splits: key splits merged by lse.
+        return_lse: also return the log-sum-exp ``[B, 1, H]``.
+
+    Returns:
+        ``o [B, 1, H, V]`` in q's dtype, or ``(o, lse)``.
+    """
+    val.check_tensor("q", q, 4, "[B, 1, H, K]")
+    val.check_tensor("k_cache", k_cache, 4, "[B, S, Hk, K]")
+    val.check_tensor("v_cache", v_cache, 4, "[B, S, Hk, V]")
+    val.check_same_dtype_device({"q": q, "k_cache": k_cache, "v_cache": v_cache})
+    B, one, H, K = q.shape
+    if one != 1:
+        raise ValueError(f"q must have shape [B, 1, H, K] (one new token), got {list(q.shape)}")
+    S, Hk = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape[0] != B or k_cache.shape[3] != K or S == 0 or Hk == 0 or H % Hk:
+        raise ValueError(
+            f"k_cache must have shape [B, S, Hk, K] = [{B}, S >= 1, Hk, {K}] with Hk dividing H = {H}, "
+            f"got {list(k_cache.shape)}"
+        )
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"v_cache must have shape [B, S, Hk, V] like k_cache, got {list(v_cache.shape)}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+    scale = val.resolve_scale(scale, K)
+    lengths = None
+    if cache_seqlens is not None:
+        if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,):
+            raise ValueError(
+                f"cache_seqlens must be an int tensor of shape [B] = [{B}], got {cache_seqlens!r}"
+            )
+        lengths = cache_seqlens.tolist()
+        if any(not 1 <= n <= S for n in lengths):
+            raise ValueError(f"cache_seqlens must lie in [1, S = {S}], got {lengths}")
+    o, lse = decode_attention(q[:, 0], k_cache, v_cache, lengths, scale, num_splits)
+    o = o.unsqueeze(1).to(q.dtype)
+    return (o, lse.unsqueeze(1)) if return_lse else o
