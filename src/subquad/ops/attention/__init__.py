@@ -28,7 +28,7 @@ def attention(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     mode: str = "chunk",
-    chunk_size: int = 128,
+    chunk_size: int = 256,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention, ``o_i = sum_j softmax_j(scale q_i . k_j) v_j`` over the keys query
@@ -47,7 +47,7 @@ def attention(
         causal, window, sinks: which keys each query sees (``window >= 1``; sinks need a window).
         scale: default ``K ** -0.5``.
         cu_seqlens: int64 ``[N + 1]`` packed sequences (B = 1); no attention across them.
-        chunk_size: the block size b of the tiled form.
+        chunk_size: the block size b of the tiled form (256: fastest of 128 / 256 / 512 at T = 8K here).
         return_lse: also return the log-sum-exp of the scores ``[B, T, H]`` (float32; float64 for
             float64 inputs), with which partial results over disjoint key sets merge exactly.
 

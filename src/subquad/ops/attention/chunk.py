@@ -102,65 +102,84 @@ def _scores(q, k, scale, mask):
     return s if mask is None else s.masked_fill_(~mask, float("-inf"))
 
 
+# elements of one group's scores: query blocks of an offset are taken in groups this large so the
+# several elementwise passes over the scores stay in the caches
+GROUP_ELEMENTS = 1 << 19
+
+
+def _groups(I0: int, I1: int, per_block: int):
+    """Split query blocks ``I0 .. I1`` into runs of about GROUP_ELEMENTS score elements."""
+    step = max(1, GROUP_ELEMENTS // max(1, per_block))
+    return [(a, min(a + step, I1)) for a in range(I0, I1, step)]
+
+
 def _forward(q, k, v, plan, scale):
     nb, BH, b, _ = q.shape
     Vd = v.shape[-1]
+    qs = q * scale  # the scale rides on q: one pass over q instead of one over every score
+    # a ones column after the values: p @ [v | 1] yields the weighted values and the row sums
+    v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
     m = torch.full((nb, BH, b), float("-inf"), dtype=q.dtype, device=q.device)
-    l = torch.zeros(nb, BH, b, dtype=q.dtype, device=q.device)
-    acc = torch.zeros(nb, BH, b, Vd, dtype=q.dtype, device=q.device)
+    acc = torch.zeros(nb, BH, b, Vd + 1, dtype=q.dtype, device=q.device)  # [.., V] and l
 
     def update(I0, I1, s, vb):
         # online softmax: rescale what was accumulated under the old max
         m_old = m[I0:I1]
         m_new = torch.maximum(m_old, s.amax(-1))
         m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with nothing seen yet
-        p = torch.exp(s - m_safe.unsqueeze(-1))
+        p = s.sub_(m_safe.unsqueeze(-1)).exp_()
         corr = torch.exp(m_old - m_safe)
-        l[I0:I1].mul_(corr).add_(p.sum(-1))
         acc[I0:I1].mul_(corr.unsqueeze(-1)).add_(torch.matmul(p, vb))
         m_old.copy_(m_new)
 
     for d in plan.offsets:
-        I0, I1, J0, J1, mask = plan.pairs(d)
-        update(I0, I1, _scores(q[I0:I1], k[J0:J1], scale, mask), v[J0:J1])
+        I0, I1, _, _, mask = plan.pairs(d)
+        for a, e in _groups(I0, I1, BH * b * b):
+            sub = None if mask is None else mask[a - I0 : e - I0]
+            update(a, e, _scores(qs[a:e], k[a - d : e - d], 1.0, sub), v1[a - d : e - d])
     if plan.sink_from is not None:
         n_s = min(plan.sinks, plan.T)
-        ks, vs = _first_keys(k, n_s), _first_keys(v, n_s)
-        update(plan.sink_from, nb, _scores(q[plan.sink_from :], ks, scale, plan.sink_mask()), vs)
+        ks, vs = _first_keys(k, n_s), _first_keys(v1, n_s)
+        update(plan.sink_from, nb, _scores(qs[plan.sink_from :], ks, 1.0, plan.sink_mask()), vs)
+    l = acc[..., Vd]
     # a row that saw no key (only padding rows: every real query sees itself or a key) gets o = 0
     # and lse = +inf, so its recomputed probabilities exp(s - lse) are 0, not NaN
     seen = l > 0
     lse = torch.where(seen, m + torch.log(l), float("inf"))
-    return acc / torch.where(seen, l, 1.0).unsqueeze(-1), lse
+    return acc[..., :Vd] / torch.where(seen, l, 1.0).unsqueeze(-1), lse
 
 
 def _backward(q, k, v, o, lse, do, dlse, plan, scale):
     # d lse_i / d s_ij = p_ij, so a gradient on lse enters dS = P * (dP - delta + dlse)
     delta = (do * o).sum(-1) - dlse  # [nb, BH, b]
+    _, BH, b, _ = q.shape
+    qs = q * scale  # scores are qs k^T, so dK = dS^T qs and dQ = scale dS K
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
-    def accumulate(I, J, qb, kb, vb, s):
-        p = torch.exp(s - lse[I].unsqueeze(-1))  # masked scores give exactly 0
-        dv[J] += torch.matmul(p.transpose(-1, -2), do[I])
-        ds = p * (torch.matmul(do[I], vb.transpose(-1, -2)) - delta[I].unsqueeze(-1))
-        dq[I] += torch.matmul(ds, kb) * scale
-        return torch.matmul(ds.transpose(-1, -2), qb) * scale  # the keys' gradient
+    def accumulate(I, qb, kb, vb, s):
+        """dV, dQ (unscaled) of query blocks I; returns the keys' gradient."""
+        p = s.sub_(lse[I].unsqueeze(-1)).exp_()  # masked scores give exactly 0
+        dv_part = torch.matmul(p.transpose(-1, -2), do[I])
+        ds = p.mul_(torch.matmul(do[I], vb.transpose(-1, -2)).sub_(delta[I].unsqueeze(-1)))
+        dq[I] += torch.matmul(ds, kb)
+        return dv_part, torch.matmul(ds.transpose(-1, -2), qb)
 
     for d in plan.offsets:
-        I0, I1, J0, J1, mask = plan.pairs(d)
-        I, J = slice(I0, I1), slice(J0, J1)
-        dk[J] += accumulate(I, J, q[I], k[J], v[J], _scores(q[I], k[J], scale, mask))
+        I0, I1, _, _, mask = plan.pairs(d)
+        for a, e in _groups(I0, I1, BH * b * b):
+            I, J = slice(a, e), slice(a - d, e - d)
+            sub = None if mask is None else mask[a - I0 : e - I0]
+            dv_part, dk_part = accumulate(I, qs[I], k[J], v[J], _scores(qs[I], k[J], 1.0, sub))
+            dv[J] += dv_part
+            dk[J] += dk_part
     if plan.sink_from is not None:
         n_s = min(plan.sinks, plan.T)
         I = slice(plan.sink_from, plan.nb)
         ks, vs = _first_keys(k, n_s), _first_keys(v, n_s)
-        s = _scores(q[I], ks, scale, plan.sink_mask())
-        p = torch.exp(s - lse[I].unsqueeze(-1))
-        _add_first_keys(dv, torch.matmul(p.transpose(-1, -2), do[I]).sum(0))
-        ds = p * (torch.matmul(do[I], vs.transpose(-1, -2)) - delta[I].unsqueeze(-1))
-        dq[I] += torch.matmul(ds, ks) * scale
-        _add_first_keys(dk, (torch.matmul(ds.transpose(-1, -2), q[I]) * scale).sum(0))
-    return dq, dk, dv
+        dv_part, dk_part = accumulate(I, qs[I], ks, vs, _scores(qs[I], ks, 1.0, plan.sink_mask()))
+        _add_first_keys(dv, dv_part.sum(0))
+        _add_first_keys(dk, dk_part.sum(0))
+    return dq.mul_(scale), dk, dv
 
 
 class _TiledAttention(torch.autograd.Function):
