@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=64, help="K = V = head dim")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float64")
     p.add_argument("--ops", type=_csv(str), default=None, help="comma list of registry ops (default: all)")
-    p.add_argument("--variants", default="default", help="'default' (each op's default variant) or 'all'")
+    p.add_argument(
+        "--variants", default="default", help="'default', 'all', or variant names (e.g. window512)"
+    )
     p.add_argument("--modes", type=_csv(str), default=("chunk", "recurrent"), help="default chunk,recurrent")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5)")
     p.add_argument("--no-backward", action="store_true", help="forward only")

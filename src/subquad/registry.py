@@ -704,6 +704,12 @@ register(
                 streaming=False,
             ),
             Variant(
+                name="window512",
+                positional=("q", "k", "v"),
+                kwargs=MappingProxyType({"window": 512, "sinks": 4}),
+                streaming=False,
+            ),
+            Variant(
                 name="noncausal",
                 positional=("q", "k", "v"),
                 kwargs=MappingProxyType({"causal": False}),

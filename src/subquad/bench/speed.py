@@ -55,7 +55,7 @@ class SpeedConfig:
     head_dim: int = 64
     dtype: str = "float32"
     ops: tuple[str, ...] | None = None  # None: every registered op
-    variants: str = "default"  # "default" or "all"
+    variants: str = "default"  # "default", "all", or comma-separated variant names
     modes: tuple[str, ...] = ("chunk", "recurrent")
     repeats: int = 5
     backward: bool = True
@@ -83,8 +83,8 @@ class SpeedConfig:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.variants not in ("default", "all"):
-            raise ValueError(f"variants must be 'default' or 'all', got {self.variants!r}")
+        if not isinstance(self.variants, str) or not self.variants.strip():
+            raise ValueError(f"variants must be 'default', 'all' or variant names, got {self.variants!r}")
         known_modes = ("reference", "chunk", "recurrent")
         if not self.modes or any(m not in known_modes for m in self.modes):
             raise ValueError(f"modes must be a non-empty subset of {known_modes}, got {self.modes}")
@@ -94,6 +94,12 @@ class SpeedConfig:
                     get_op(name)
                 except KeyError as err:
                     raise ValueError(f"ops: {err.args[0]}") from None
+        if self.variants not in ("default", "all"):
+            chosen = [get_op(n) for n in self.ops] if self.ops is not None else list_ops()
+            known = {v.name for spec in chosen for v in spec.variants}
+            missing = [n.strip() for n in self.variants.split(",") if n.strip() not in known]
+            if missing:
+                raise ValueError(f"variants: {missing} match no variant of the selected ops: {sorted(known)}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -141,7 +147,11 @@ def _cases(cfg: SpeedConfig):
     names = cfg.ops if cfg.ops is not None else [s.name for s in list_ops()]
     for name in names:
         spec = get_op(name)
-        variants = spec.variants if cfg.variants == "all" else (spec.variant("default"),)
+        if cfg.variants == "all":
+            variants = spec.variants
+        else:
+            names = [n.strip() for n in cfg.variants.split(",")]
+            variants = tuple(v for v in spec.variants if v.name in names)
         for var in variants:
             for mode in cfg.modes:
                 if mode in spec.modes_for(var):
