@@ -132,3 +132,30 @@ def run_with_grads(
     if initial_state is not None:
         out["grad_initial_state"] = grads[-1]
     return out
+
+
+def assert_pieces_agree(fn, args, T: int, piece: int, time_kwargs=None, **fixed) -> None:
+    """Long-run stability of an op: run it over ``[0, T)`` in consecutive pieces, once in ``"chunk"``
+    and once in ``"recurrent"`` mode, each carrying its own final state into the next piece; every
+    piece's outputs must be finite and agree within the float32 tolerance, and so must the final
+    states. ``args`` (positional) and ``time_kwargs`` (keyword) tensors with >= 3 dims are cut along
+    time (dim 1); smaller ones (per-channel parameters) and ``fixed`` pass whole."""
+    time_kwargs = time_kwargs or {}
+
+    def cut(t, a):
+        return t[:, a : a + piece] if isinstance(t, torch.Tensor) and t.dim() >= 3 else t
+
+    states = {"chunk": None, "recurrent": None}
+    with torch.no_grad():
+        for a in range(0, T, piece):
+            outs = {}
+            for mode, state in states.items():
+                part = [cut(t, a) for t in args]
+                kw = {n: cut(t, a) for n, t in time_kwargs.items()}
+                outs[mode], states[mode] = fn(
+                    *part, **kw, **fixed, mode=mode, initial_state=state, output_final_state=True
+                )
+                if not bool(torch.isfinite(outs[mode]).all()):
+                    raise AssertionError(f"{mode}: non-finite output in the piece at {a}")
+            assert_close(outs["chunk"], outs["recurrent"], torch.float32, name=f"output of piece at {a}")
+    assert_close(states["chunk"], states["recurrent"], torch.float32, name="final state")

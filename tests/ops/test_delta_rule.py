@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from subquad.ops import delta_rule, gated_delta_rule
-from subquad.testing import assert_close
+from subquad.testing import assert_close, assert_pieces_agree
 
 MODES = ["reference", "chunk", "recurrent"]
 
@@ -81,18 +81,7 @@ def test_million_tokens_stay_finite_and_agree(gated):
     beta = 2 * torch.rand(1, T, 1, generator=gen)
     g = -20 * torch.rand(1, T, 1, generator=gen) ** 4 if gated else None
 
-    def call(mode, a, b, S):
-        args = (q[:, a:b], k[:, a:b], v[:, a:b])
-        if gated:
-            return gated_delta_rule(*args, g[:, a:b], beta[:, a:b], mode=mode, initial_state=S,
-                                    output_final_state=True)  # fmt: skip
-        return delta_rule(*args, beta[:, a:b], mode=mode, initial_state=S, output_final_state=True)
-
-    with torch.no_grad():
-        S_c = S_r = None
-        for a in range(0, T, piece):
-            o_c, S_c = call("chunk", a, a + piece, S_c)
-            o_r, S_r = call("recurrent", a, a + piece, S_r)
-            assert torch.isfinite(o_c).all() and torch.isfinite(o_r).all()
-            assert_close(o_c, o_r, torch.float32, name=f"output of piece at {a}")
-        assert_close(S_c, S_r, torch.float32, name="final state")
+    if gated:
+        assert_pieces_agree(gated_delta_rule, (q, k, v, g, beta), T, piece)
+    else:
+        assert_pieces_agree(delta_rule, (q, k, v, beta), T, piece)

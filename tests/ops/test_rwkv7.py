@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from subquad.ops import delta_rule, gla, rwkv7
-from subquad.testing import assert_close
+from subquad.testing import assert_close, assert_pieces_agree
 
 F64 = torch.float64
 MODES = ("reference", "chunk", "recurrent")
@@ -68,13 +68,4 @@ def test_million_tokens_stay_finite_and_agree():
     r, w, k, v, a, b = _inputs(B=1, T=T, H=1, K=16, V=16, dtype=torch.float32)
     w = -20 * torch.rand(1, T, 1, 16, generator=torch.Generator().manual_seed(1)) ** 4
     k = F.normalize(k, dim=-1)
-    args = (r, w, k, v, a, b)
-    with torch.no_grad():
-        s_c = s_r = None
-        for x0 in range(0, T, piece):
-            part = [x[:, x0 : x0 + piece] for x in args]
-            o_c, s_c = rwkv7(*part, mode="chunk", initial_state=s_c, output_final_state=True)
-            o_r, s_r = rwkv7(*part, mode="recurrent", initial_state=s_r, output_final_state=True)
-            assert torch.isfinite(o_c).all() and torch.isfinite(o_r).all()
-            assert_close(o_c, o_r, torch.float32, name=f"output of piece at {x0}")
-        assert_close(s_c, s_r, torch.float32, name="final state")
+    assert_pieces_agree(rwkv7, (r, w, k, v, a, b), T, piece)

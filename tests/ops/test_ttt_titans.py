@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from subquad.ops import delta_rule, titans, ttt_linear
-from subquad.testing import assert_close
+from subquad.testing import assert_close, assert_pieces_agree
 
 F64 = torch.float64
 MODES = ("reference", "chunk", "recurrent")
@@ -76,15 +76,7 @@ def test_ttt_bad_inputs():
 def test_ttt_million_tokens_stay_finite_and_agree():
     T, piece = 1 << 20, 1 << 16
     q, k, v, eta = _qkv(B=1, T=T, H=1, K=16, V=16, dtype=torch.float32)
-    with torch.no_grad():
-        s_c = s_r = None
-        for a in range(0, T, piece):
-            args = (q[:, a : a + piece], k[:, a : a + piece], v[:, a : a + piece], eta[:, a : a + piece])
-            o_c, s_c = ttt_linear(*args, mode="chunk", initial_state=s_c, output_final_state=True)
-            o_r, s_r = ttt_linear(*args, mode="recurrent", initial_state=s_r, output_final_state=True)
-            assert torch.isfinite(o_c).all() and torch.isfinite(o_r).all()
-            assert_close(o_c, o_r, torch.float32, name=f"output of piece at {a}")
-        assert_close(s_c, s_r, torch.float32, name="final state")
+    assert_pieces_agree(ttt_linear, (q, k, v, eta), T, piece)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -136,13 +128,4 @@ def test_titans_million_tokens_stay_finite_and_agree():
     gen = torch.Generator().manual_seed(2)
     g = -20 * torch.rand(1, T, 1, generator=gen) ** 4
     gm = -20 * torch.rand(1, T, 1, generator=gen) ** 4
-    args = (q, k, v, 0.1 * theta, g, gm)
-    with torch.no_grad():
-        s_c = s_r = None
-        for a in range(0, T, piece):
-            part = [x[:, a : a + piece] for x in args]
-            o_c, s_c = titans(*part, mode="chunk", initial_state=s_c, output_final_state=True)
-            o_r, s_r = titans(*part, mode="recurrent", initial_state=s_r, output_final_state=True)
-            assert torch.isfinite(o_c).all() and torch.isfinite(o_r).all()
-            assert_close(o_c, o_r, torch.float32, name=f"output of piece at {a}")
-        assert_close(s_c, s_r, torch.float32, name="final state")
+    assert_pieces_agree(titans, (q, k, v, 0.1 * theta, g, gm), T, piece)
