@@ -140,3 +140,33 @@ def test_decode_bad_inputs():
         attention_decode(q[:, :1], k, v, cache_seqlens=torch.tensor([0, 6]))
     with pytest.raises(ValueError, match="num_splits must be an int >= 1"):
         attention_decode(q[:, :1], k, v, num_splits=0)
+
+
+@pytest.mark.parametrize(("causal", "window"), [(True, None), (False, None), (True, 20)])
+def test_block_sparse_matches_reference_with_gradients(causal, window):
+    q, k, v = (x.requires_grad_(True) for x in _qkv(T=45, Hk=2))
+    mask = torch.rand(2, 4, 6, 6, generator=torch.Generator().manual_seed(1)) < 0.5
+    res = {}
+    for mode in ("reference", "chunk"):
+        o, lse = attention(q, k, v, causal=causal, window=window, block_mask=mask, mode=mode, chunk_size=8,
+                           return_lse=True)  # fmt: skip
+        lse = torch.where(torch.isfinite(lse), lse, 0.0)  # rows that keep no visible key: +inf
+        res[mode] = (o, lse, *torch.autograd.grad((o * o).sum() + (lse * lse).sum(), [q, k, v]))
+    for name, got, ref in zip(["o", "lse", "dq", "dk", "dv"], res["chunk"], res["reference"], strict=True):
+        assert_close(got, ref, F64, name=f"block-sparse {name}")
+
+
+def test_block_sparse_full_mask_is_dense_and_cost_follows_the_kept_blocks():
+    q, k, v = _qkv(B=1, T=64, H=2, Hk=2, dtype=torch.float32)
+    full = torch.ones(1, 2, 4, 4, dtype=torch.bool)
+    assert_close(attention(q, k, v, block_mask=full, chunk_size=16), attention(q, k, v, chunk_size=16),
+                 torch.float32, name="full block mask")  # fmt: skip
+    from subquad.ops.attention.sparse import _Rounds
+
+    diag = torch.eye(4, dtype=torch.bool).expand(1, 2, 4, 4)
+    assert _Rounds(full, 64, 16, True, None).kept == 2 * 10  # causal: only blocks J <= I are kept
+    assert _Rounds(diag, 64, 16, True, None).kept == 2 * 4
+    with pytest.raises(ValueError, match=r"block_mask must have shape \[B, H, nb, nb\]"):
+        attention(q, k, v, block_mask=full[..., :3], chunk_size=16)
+    with pytest.raises(TypeError, match="block_mask must be a bool"):
+        attention(q, k, v, block_mask=full.float(), chunk_size=16)

@@ -13,6 +13,7 @@ from subquad.ops._common.varlen import seq_bounds
 from subquad.ops.attention.chunk import chunk_attention
 from subquad.ops.attention.decode import decode_attention
 from subquad.ops.attention.reference import reference_attention
+from subquad.ops.attention.sparse import sparse_attention
 
 MODES = ("reference", "chunk")
 
@@ -25,6 +26,7 @@ def attention(
     causal: bool = True,
     window: int | None = None,
     sinks: int = 0,
+    block_mask: torch.Tensor | None = None,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     mode: str = "chunk",
@@ -45,6 +47,10 @@ def attention(
         q: ``[B, T, H, K]``. k: ``[B, T, Hk, K]``, v: ``[B, T, Hk, V]`` with Hk dividing H (grouped
             query heads: query head h reads key/value head ``h // (H / Hk)``).
         causal, window, sinks: which keys each query sees (``window >= 1``; sinks need a window).
+        block_mask: bool ``[B, H, nb, nb]`` with ``nb = ceil(T / chunk_size)``: query block I reads
+            key block J only where it is True (and the causal / window rule allows the token).
+            Only kept blocks are computed (cost proportional to them); a query that keeps no
+            visible key gets o = 0 (and lse = +inf).
         scale: default ``K ** -0.5``.
         cu_seqlens: int64 ``[N + 1]`` packed sequences (B = 1); no attention across them.
         chunk_size: the block size b of the tiled form (256: fastest of 128 / 256 / 512 at T = 8K here).
@@ -81,14 +87,27 @@ def attention(
     if sinks and window is None:
         raise ValueError("sinks only apply with a window (without one every key is already seen)")
     val.check_cu_seqlens(cu_seqlens, B, T, q.device)
+    if block_mask is not None:
+        nb = -(-T // chunk_size)
+        if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
+            raise TypeError(f"block_mask must be a bool torch.Tensor [B, H, nb, nb], got {block_mask!r:.80}")
+        if tuple(block_mask.shape) != (B, H, nb, nb):
+            raise ValueError(
+                f"block_mask must have shape [B, H, nb, nb] = [{B}, {H}, {nb}, {nb}] "
+                f"(nb = ceil(T / chunk_size)), got {list(block_mask.shape)}"
+            )
+        if sinks or cu_seqlens is not None:
+            raise ValueError("block_mask does not combine with sinks or cu_seqlens (keep block 0 for sinks)")
     if Hk != H:
         # grouped heads: each key/value head serves H / Hk query heads (autograd sums them back)
         k, v = (x.repeat_interleave(H // Hk, dim=2) for x in (k, v))
 
     def run(q_, k_, v_):
         if mode == "reference":
-            o_, lse_ = reference_attention(q_, k_, v_, causal, window, sinks, scale)
+            o_, lse_ = reference_attention(q_, k_, v_, causal, window, sinks, scale, block_mask, chunk_size)
             return o_.to(q.dtype), lse_
+        if block_mask is not None:
+            return sparse_attention(q_, k_, v_, block_mask, causal, window, scale, chunk_size)
         return chunk_attention(q_, k_, v_, causal, window, sinks, scale, chunk_size)
 
     if cu_seqlens is None:
