@@ -20,15 +20,22 @@ def _csv(cast):
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    print(f"{'op':<14}{'modes':<28}{'variants':<30}{'gate':<9}{'state':<16}{'state/seq':>10}  paper")
-    for spec in list_ops():
-        variants = ",".join(v.name for v in spec.variants)
+    specs = list_ops()
+    rows = []
+    for spec in specs:
         state = "[" + ", ".join(spec.state) + "]" if spec.stateful else "KV cache"
-        kib = spec.state_bytes_per_sequence(H=8, K=64, V=64) / 1024
-        print(
-            f"{spec.name:<14}{','.join(spec.modes):<28}{variants:<30}{spec.gate:<9}{state:<16}"
-            f"{kib:>7.0f} KiB  {spec.paper} <{spec.url}>"
+        kib = f"{spec.state_bytes_per_sequence(H=8, K=64, V=64) / 1024:.0f} KiB" if spec.stateful else "-"
+        variants = ",".join(v.name for v in spec.variants)
+        rows.append(
+            (spec.name, ",".join(spec.modes), variants, spec.gate, state, kib, f"{spec.paper} <{spec.url}>")
         )
+    head = ("op", "modes", "variants", "gate", "state", "state/seq", "paper")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(6)]
+    for r in [head, *rows]:
+        cells = [
+            c.rjust(w) if i == 5 else c.ljust(w) for i, (c, w) in enumerate(zip(r[:6], widths, strict=True))
+        ]
+        print("  ".join(cells) + "  " + r[6])
     print("state/seq: float32 state of one sequence at H=8, K=V=64 (independent of T; attention keeps a")
     print("KV cache instead, which grows with T)")
     return 0
