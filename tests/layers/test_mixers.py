@@ -1,0 +1,127 @@
+"""Every mixer: cached decoding == full forward, packed == per-sequence, left padding == unpadded.
+
+Generated over ``subquad.layers.mixer_names()`` so a new mixer (or a new stateful op, through
+``op:<name>``) is covered with no test code.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from subquad.layers import LayerCache, make_mixer, mixer_names
+from subquad.testing import assert_close
+
+D, H = 32, 2
+SMALL = {"swa": {"window": 5}, "based": {"key_dim": 4}, "mamba2": {"state_size": 8}}
+
+
+def build(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    mixer = make_mixer(name, D, H, **SMALL.get(name, {})).double().eval()
+    with torch.no_grad():  # give every parameter (zero-initialised ones too) a generic value
+        for p in mixer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return mixer
+
+
+def inputs(B: int, T: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, D, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", mixer_names())
+def test_step_by_step_decode_matches_full_forward(name):
+    mixer = build(name)
+    x = inputs(2, 11)
+    with torch.no_grad():
+        full = mixer(x)
+        cache = LayerCache()
+        prefill = mixer(x[:, :4], cache=cache)  # chunked prefill, then one token at a time
+        steps = [mixer(x[:, t : t + 1], cache=cache) for t in range(4, 11)]
+    assert_close(torch.cat([prefill, *steps], dim=1), full, dtype=torch.float64, name=f"{name} decode")
+    assert cache.seen_tokens == 11
+
+
+@pytest.mark.parametrize("name", mixer_names())
+def test_chunked_prefill_in_pieces_matches_one_call(name):
+    mixer = build(name)
+    x = inputs(1, 13)
+    with torch.no_grad():
+        full = mixer(x)
+        cache = LayerCache()
+        pieces = [mixer(x[:, a:b], cache=cache) for a, b in ((0, 5), (5, 6), (6, 13))]
+    assert_close(torch.cat(pieces, dim=1), full, dtype=torch.float64, name=f"{name} pieces")
+
+
+@pytest.mark.parametrize("name", mixer_names())
+def test_packed_sequences_match_separate_calls(name):
+    mixer = build(name)
+    lengths = (5, 1, 9)
+    xs = [inputs(1, n, seed=10 + i) for i, n in enumerate(lengths)]
+    cu = torch.tensor([0, 5, 6, 15])
+    with torch.no_grad():
+        packed = mixer(torch.cat(xs, dim=1), cu_seqlens=cu)
+        separate = torch.cat([mixer(x) for x in xs], dim=1)
+    assert_close(packed, separate, dtype=torch.float64, name=f"{name} packed")
+
+
+@pytest.mark.parametrize("name", mixer_names())
+def test_left_padding_matches_unpadded_and_decodes(name):
+    mixer = build(name)
+    short, long = inputs(1, 4, seed=3), inputs(1, 7, seed=4)
+    x = torch.cat([torch.cat([torch.zeros(1, 3, D, dtype=torch.float64), short], dim=1), long])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
+    nxt = inputs(2, 2, seed=5)
+    with torch.no_grad():
+        cache = LayerCache()
+        y = mixer(x, cache=cache, attention_mask=mask)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        step1 = mixer(nxt[:, :1], cache=cache, attention_mask=mask)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        step2 = mixer(nxt[:, 1:], cache=cache, attention_mask=mask)
+        want_short = mixer(torch.cat([short, nxt[:1]], dim=1))
+        want_long = mixer(torch.cat([long, nxt[1:]], dim=1))
+    got_short = torch.cat([y[:1, 3:], step1[:1], step2[:1]], dim=1)
+    got_long = torch.cat([y[1:], step1[1:], step2[1:]], dim=1)
+    assert_close(got_short, want_short, dtype=torch.float64, name=f"{name} padded row")
+    assert_close(got_long, want_long, dtype=torch.float64, name=f"{name} unpadded row")
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "attention", "op:ttt_linear"])
+def test_backward_reaches_every_parameter(name):
+    mixer = make_mixer(name, D, H)
+    x = inputs(2, 9).float().requires_grad_()
+    mixer(x).square().mean().backward()
+    missing = [n for n, p in mixer.named_parameters() if p.grad is None]
+    assert not missing, f"{name}: no gradient for {missing}"
+    assert torch.isfinite(x.grad).all()
+
+
+def test_recurrent_cache_is_fixed_size_and_window_cache_bounded():
+    rec, swa, full = build("gla"), build("swa"), build("attention")
+    caches = [LayerCache(), LayerCache(), LayerCache()]
+    sizes = []
+    with torch.no_grad():
+        for n in (8, 64):
+            for m, c in zip((rec, swa, full), caches, strict=True):
+                m(inputs(1, n, seed=n), cache=c)
+            sizes.append([c.used_bytes() for c in caches])
+    assert sizes[0][0] == sizes[1][0]  # recurrent state does not grow
+    assert sizes[0][1] == sizes[1][1]  # the window (5 tokens) is full after 8 tokens
+    assert caches[1].kv_len == 5
+    assert caches[2].kv_len == 72 and sizes[1][2] > sizes[0][2]
+
+
+def test_bad_layer_inputs_raise():
+    mixer = build("gla")
+    with pytest.raises(ValueError, match="x must be"):
+        mixer(torch.zeros(2, 3, D + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="cu_seqlens needs B == 1"):
+        mixer(inputs(2, 4), cu_seqlens=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="unknown mixer"):
+        make_mixer("nope", D, H)
+    with pytest.raises(ValueError, match="feature_map"):
+        make_mixer("linear_attn", D, H, feature_map="nope")
+    with pytest.raises(ValueError, match="stateful"):
+        make_mixer("op:attention", D, H)
