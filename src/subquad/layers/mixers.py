@@ -87,8 +87,9 @@ class RecurrentMixer(Mixer):
         keep: torch.Tensor | None,
         initial_state: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return ``(y [B, T, D], final_state or None)``. ``keep [B, T, 1]`` (or None) multiplies the
-        op's key- and value-like inputs so padded tokens leave the state untouched."""
+        """Return ``(y [B, T, D], final_state or None)``. ``keep`` (bool ``[B, T, 1]`` or None) marks
+        real tokens: the op's key- and value-like inputs are zeroed elsewhere, so padded tokens
+        leave the state untouched."""
         raise NotImplementedError
 
     def forward(
@@ -102,8 +103,8 @@ class RecurrentMixer(Mixer):
         T = x.shape[1]
         keep = None
         if attention_mask is not None:
-            keep = attention_mask[:, -T:].to(x.dtype)[..., None]  # [B, T, 1]
-            x = x * keep
+            keep = attention_mask[:, -T:].bool()[..., None]  # [B, T, 1]
+            x = x.masked_fill(~keep, 0)  # masked_fill, not a product: a NaN or inf must not leak in
         y, state = self.mix(
             x,
             mode=decode_mode(T),
@@ -115,14 +116,15 @@ class RecurrentMixer(Mixer):
         if cache is not None:
             cache.state = state.detach() if state is not None else None
             cache.seen_tokens += T
-        return y
+        # padded positions output 0 (a normalized map divides 0 by 0 there)
+        return y if keep is None else y.masked_fill(~keep, 0)
 
 
 def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """``t [B, T, ...]`` with padded tokens zeroed."""
     if keep is None:
         return t
-    return t * keep.reshape(*keep.shape[:2], *([1] * (t.ndim - 2)))
+    return t.masked_fill(~keep.reshape(*keep.shape[:2], *([1] * (t.ndim - 2))), 0)
 
 
 class LinearAttention(RecurrentMixer):
@@ -193,7 +195,6 @@ class RetNet(RecurrentMixer):
         self.k_proj = nn.Linear(hidden_size, inner, bias=False)
         self.v_proj = nn.Linear(hidden_size, inner, bias=False)
         self.g_proj = nn.Linear(hidden_size, inner, bias=False)
-        self.register_buffer("g_gamma", retnet_log_decays(num_heads), persistent=False)
         self.o_norm = GatedHeadNorm(self.head_dim)
         self.o_proj = nn.Linear(inner, hidden_size, bias=False)
 
@@ -205,7 +206,7 @@ class RetNet(RecurrentMixer):
             q,
             k,
             v,
-            g_gamma=self.g_gamma.to(x.dtype),
+            g_gamma=retnet_log_decays(self.num_heads).to(x.device, x.dtype),
             mode=mode,
             initial_state=initial_state,
             output_final_state=cache is not None,
@@ -665,6 +666,7 @@ class OpMixer(RecurrentMixer):
         width = self.head_dim if has_heads else num_heads * self.head_dim
         sizes = {**spec.fixed_dims, **var.fixed_dims, "H": num_heads, "K": self.key_dim, "V": width}
         self.time_shapes: dict[str, tuple[int, ...]] = {}
+        self.const_sizes: dict[str, int] = {}
         self.proj = nn.ModuleDict()
         self.params = nn.ParameterDict()
         for name in var.tensor_names:
@@ -675,7 +677,7 @@ class OpMixer(RecurrentMixer):
                 gate_bias = ts.kind.startswith("log_gate")
                 self.proj[name] = nn.Linear(hidden_size, math.prod(shape), bias=gate_bias)
             elif ts.kind == "log_gate_const":
-                self.register_buffer(f"const_{name}", retnet_log_decays(sizes[ts.dims[0]]), persistent=False)
+                self.const_sizes[name] = sizes[ts.dims[0]]
             else:
                 shape = tuple(sizes[d] for d in ts.dims)
                 if ts.kind == "log_gate":
@@ -708,7 +710,7 @@ class OpMixer(RecurrentMixer):
                 t = _masked(t, keep)
             return t
         if ts.kind == "log_gate_const":
-            return getattr(self, f"const_{name}").to(x.dtype)
+            return retnet_log_decays(self.const_sizes[name]).to(x.device, x.dtype)
         p = self.params[name]
         return (-torch.exp(upcast(p))).to(x.dtype) if ts.kind == "log_gate" else p.to(x.dtype)
 

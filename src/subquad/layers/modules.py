@@ -157,12 +157,14 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # computed per call (D/2 numbers) rather than held in a buffer, so loading never leaves it unset
+        self.head_dim, self.base = head_dim, base
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # x: [B, T, H, D]; positions: [T] or [B, T]
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [(B,) T, D/2]
+        exponents = torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float32) / self.head_dim
+        inv_freq = 1.0 / (self.base**exponents)
+        angles = positions.to(torch.float32)[..., None] * inv_freq  # [(B,) T, D/2]
         if angles.ndim == 2:
             angles = angles[None]
         cos = angles.cos()[:, :, None, :]
