@@ -6,6 +6,8 @@ Shape legend: B batch, T time, D hidden size, V vocabulary.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,7 +55,7 @@ class Block(nn.Module):
 class SubquadPreTrainedModel(PreTrainedModel):
     config_class = SubquadConfig
     base_model_prefix = "model"
-    _no_split_modules = ["Block"]
+    _no_split_modules: ClassVar[list[str]] = ["Block"]
     supports_gradient_checkpointing = False
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -72,7 +74,8 @@ def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         raise ValueError(
-            f"input_ids must lie in [0, {vocab_size}), got values in [{int(input_ids.min())}, {int(input_ids.max())}]"
+            f"input_ids must lie in [0, {vocab_size}), got values in "
+            f"[{int(input_ids.min())}, {int(input_ids.max())}]"
         )
 
 
@@ -130,7 +133,7 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
     """The hybrid LM with its head; ``generate`` decodes with a ``SubquadCache`` (fixed-size states for
     recurrent layers, the window for sliding layers, a growing KV cache for full attention)."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: SubquadConfig) -> None:
         super().__init__(config)
