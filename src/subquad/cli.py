@@ -1,4 +1,4 @@
-"""The ``subquad`` command line: ``subquad list``, ``subquad bench speed``."""
+"""The ``subquad`` command line: ``list``, ``bench speed|decode``, ``train``, ``generate``."""
 
 from __future__ import annotations
 
@@ -80,6 +80,58 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from subquad.train import CheckpointError, TrainConfig, train
+
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    fields["progress"] = not args.no_progress
+    try:
+        cfg = TrainConfig(**fields)
+        summary = train(cfg, resume=args.resume)
+    except (ValueError, FileExistsError, CheckpointError) as err:
+        print(f"subquad train: {err}", file=sys.stderr)
+        return 2
+    line = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items() if k != "summary"
+    )
+    print(f"done: {line}")
+    print(f"model, tokenizer and metrics.jsonl in {cfg.out_dir}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, TextStreamer
+
+    import subquad.models  # noqa: F401  (registers the Auto classes)
+    from subquad.data import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except FileNotFoundError as err:
+        print(f"subquad generate: {err}", file=sys.stderr)
+        return 2
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tokenizer.eos_token_id]])
+    torch.manual_seed(args.seed)
+    streamer = TextStreamer(tokenizer, skip_prompt=False)
+    with torch.no_grad():
+        model.generate(
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.temperature > 0,
+            temperature=args.temperature if args.temperature > 0 else None,
+            top_k=args.top_k if args.temperature > 0 else None,
+            top_p=args.top_p if args.temperature > 0 else None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+            streamer=streamer,
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="subquad", description="Sub-quadratic token mixers for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +163,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="T = 1K, 4K and 3 repeats")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench_speed)
+
+    from subquad.data import CORPORA
+
+    p = sub.add_parser(
+        "train", help="train a hybrid LM on a built-in corpus (resumable, safetensors checkpoints)"
+    )
+    p.add_argument("--out", dest="out_dir", required=True, help="run directory (model, tokenizer, metrics)")
+    p.add_argument("--corpus", choices=CORPORA, default=None, help="default shakespeare")
+    p.add_argument(
+        "--pattern",
+        dest="layer_pattern",
+        default=None,
+        help="layer pattern letters, e.g. GGGA (A attention, S sliding window, G GLA, N Gated DeltaNet,"
+        " D DeltaNet, L linear attention, R RetNet, M Mamba-2, K RWKV-7, X MoM); default G",
+    )
+    p.add_argument("--hidden-size", type=int, default=None, help="default 256")
+    p.add_argument("--layers", dest="num_layers", type=int, default=None, help="default 4")
+    p.add_argument("--heads", dest="num_heads", type=int, default=None, help="default 4")
+    p.add_argument("--window", type=int, default=None, help="sliding-window size of S layers (default 128)")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (default 4096)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 256)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per step (default 16)")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 1)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default 50")
+    p.add_argument("--max-steps", type=int, default=None, help="schedule length (default 2000)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--grad-clip", type=float, default=None)
+    p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (100)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens per evaluation (65536)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (100)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--max-docs", type=int, default=None, help="use only the first N training documents")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="stream text from a trained model directory")
+    p.add_argument("--model", required=True, help="directory written by subquad train")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
