@@ -80,6 +80,58 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    from subquad.bench.decode import DecodeConfig, default_out_dir, format_table, plot_decode, run_decode
+
+    fields = {
+        "hidden_size": args.hidden_size,
+        "num_layers": args.layers,
+        "num_heads": args.heads,
+        "window": args.window,
+        "batch": args.batch,
+        "steps": args.steps,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "out": args.out or default_out_dir(),
+    }
+    if args.patterns is not None:
+        fields["patterns"] = args.patterns
+    if args.contexts is not None:
+        fields["contexts"] = args.contexts
+    if args.quick:
+        fields.setdefault("contexts", (1024, 4096, 16384))
+        fields["patterns"] = args.patterns or ("A", "G")
+    try:
+        cfg = DecodeConfig(**fields)
+    except ValueError as err:
+        print(f"subquad bench decode: {err}", file=sys.stderr)
+        return 2
+    result = run_decode(cfg, progress=not args.no_progress)
+    print(format_table(result))
+    png = plot_decode(result, os.path.join(cfg.out, "decode.png"))
+    print(f"wrote {os.path.join(cfg.out, 'decode.json')}" + (f" and {png}" if png else ""))
+    return 0
+
+
+def cmd_bench_lm_report(args: argparse.Namespace) -> int:
+    from subquad.bench.lm_report import format_table, plot, summarize
+
+    try:
+        summary = summarize(args.runs)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"subquad bench lm-report: {err}", file=sys.stderr)
+        return 2
+    table = format_table(summary)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "lm_report.md"), "w") as f:
+            f.write(table + "\n")
+        png = plot(summary, os.path.join(args.out, "lm_report.png"))
+        print(f"wrote {os.path.join(args.out, 'lm_report.md')}" + (f" and {png}" if png else ""))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from subquad.train import CheckpointError, TrainConfig, train
 
@@ -163,6 +215,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="T = 1K, 4K and 3 repeats")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench_speed)
+
+    p = bench.add_parser(
+        "decode", help="per-token decode latency and cache memory of whole models vs context"
+    )
+    p.add_argument("--patterns", type=_csv(str), default=None, help="layer patterns (default A,G,N,GGGA,S)")
+    p.add_argument("--contexts", type=_csv(int), default=None, help="default 1024,...,32768")
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--window", type=int, default=512, help="window of S layers")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed per case (median reported)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="output directory (default results/decode-<UTC time>)")
+    p.add_argument("--quick", action="store_true", help="patterns A,G at 1K, 4K, 16K")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench_decode)
+
+    p = bench.add_parser("lm-report", help="compare subquad train runs at equal steps and equal wall time")
+    p.add_argument("runs", nargs="+", help="run directories written by subquad train")
+    p.add_argument("--out", default=None, help="write lm_report.md and lm_report.png here")
+    p.set_defaults(func=cmd_bench_lm_report)
 
     from subquad.data import CORPORA
 

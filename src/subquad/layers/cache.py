@@ -51,7 +51,8 @@ class LayerCache:
 
         Rows are written into a preallocated buffer. When it is full, the rows still needed move to
         its front, and the buffer doubles only when those rows fill more than half of it, so a token
-        costs amortized O(1) copies; with ``keep_last`` the buffer stays near ``2 * keep_last`` rows.
+        costs amortized O(1) copies; with ``keep_last`` the buffer holds ``1.25 * keep_last`` rows
+        (at least 16 spare), so the window's memory stays bounded.
         """
         if keep_last is not None and keep_last < 0:
             raise ValueError(f"keep_last must be >= 0, got {keep_last}")
@@ -64,8 +65,8 @@ class LayerCache:
             want = live + T
             if keep_last is None:
                 new_capacity = max(16, want, 2 * capacity if want > capacity // 2 else capacity)
-            else:
-                new_capacity = max(want, 2 * keep_last, capacity)
+            else:  # a quarter of slack: compaction every keep_last / 4 tokens, amortized O(1)
+                new_capacity = max(want, keep_last + max(16, keep_last // 4), capacity)
             new_k = k.new_empty(B, new_capacity, *k.shape[2:])
             new_v = v.new_empty(B, new_capacity, *v.shape[2:])
             if live:
