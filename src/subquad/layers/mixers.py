@@ -602,23 +602,38 @@ class Attention(Mixer):
     def _masked_attention(self, q, k, v, attention_mask, past):
         """Exact attention of T new queries over S = cached + new keys, with causal / window rules
         by absolute slot and padded keys masked; a padded query also sees itself (its output is
-        unused, and it must not be a softmax over nothing)."""
-        T, S = q.shape[1], k.shape[1]
+        unused, and it must not be a softmax over nothing). Queries go in blocks so the score
+        matrix of one block stays below ``MASKED_SCORE_ELEMENTS``."""
+        B, T, H, _ = q.shape
+        S = k.shape[1]
         total = past + T
-        qi = torch.arange(total - T, total, device=q.device)[:, None]
-        kj = torch.arange(total - S, total, device=q.device)[None, :]
-        allowed = kj <= qi
-        if self.window is not None:
-            allowed = allowed & (qi - kj < self.window)
-        allowed = allowed[None]  # [1, T, S]
-        if attention_mask is not None:
-            key_ok = attention_mask[:, -S:].bool()[:, None, :]  # [B, 1, S]
-            allowed = (allowed & key_ok) | (qi == kj)[None]
         rep = self.num_heads // self.num_kv_heads
-        kh = k.repeat_interleave(rep, dim=2).transpose(1, 2)
+        kh = k.repeat_interleave(rep, dim=2).transpose(1, 2)  # [B, H, S, K]
         vh = v.repeat_interleave(rep, dim=2).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), kh, vh, attn_mask=allowed[:, None])
-        return o.transpose(1, 2)
+        kj = torch.arange(total - S, total, device=q.device)[None, :]
+        key_ok = (
+            attention_mask[:, -S:].bool()[:, None, :] if attention_mask is not None else None
+        )  # [B, 1, S]
+        block = max(1, MASKED_SCORE_ELEMENTS // max(1, B * H * S))
+        outs = []
+        for start in range(0, T, block):
+            stop = min(T, start + block)
+            qi = torch.arange(total - T + start, total - T + stop, device=q.device)[:, None]
+            allowed = kj <= qi
+            if self.window is not None:
+                allowed = allowed & (qi - kj < self.window)
+            allowed = allowed[None]  # [1, t, S]
+            if key_ok is not None:
+                allowed = (allowed & key_ok) | (qi == kj)[None]
+            qh = q[:, start:stop].transpose(1, 2)
+            outs.append(
+                F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed[:, None]).transpose(1, 2)
+            )
+        return torch.cat(outs, dim=1)
+
+
+#: largest score matrix (elements) one block of the masked attention path materialises
+MASKED_SCORE_ELEMENTS = 1 << 25
 
 
 class OpMixer(RecurrentMixer):
