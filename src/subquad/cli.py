@@ -132,6 +132,48 @@ def cmd_bench_lm_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_tasks(args: argparse.Namespace) -> int:
+    import dataclasses
+    from datetime import datetime, timezone
+
+    import torch
+
+    from subquad.bench.machine import machine_info
+    from subquad.bench.task_report import recall_preset, report, state_preset, write_results
+    from subquad.bench.tasks import run_task_bench
+
+    try:
+        if args.bench == "recall":
+            configs = [recall_preset(args.preset)]
+        else:
+            configs = [state_preset(args.preset, task) for task in args.tasks]
+        if args.mixers:
+            configs = [dataclasses.replace(c, mixers=args.mixers) for c in configs]
+        if args.max_steps:
+            configs = [dataclasses.replace(c, max_steps=args.max_steps) for c in configs]
+    except ValueError as err:
+        print(f"subquad bench {args.bench}: {err}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stamp = datetime.now(timezone.utc)
+    out = args.out or os.path.join(
+        "results", f"{args.bench}-{args.preset}-" + stamp.strftime("%Y%m%d-%H%M%S")
+    )
+    sections = [run_task_bench(c, progress=not args.no_progress) for c in configs]
+    results = {
+        "benchmark": args.bench,
+        "preset": args.preset,
+        "utc": stamp.isoformat(timespec="seconds"),
+        "machine": machine_info(torch.device("cpu")),
+        "sections": sections,
+    }
+    path = write_results(results, out)
+    print(report(results, out))
+    print(f"wrote {path} and {os.path.join(out, 'report.md')}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from subquad.train import CheckpointError, TrainConfig, train
 
@@ -233,6 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="patterns A,G at 1K, 4K, 16K")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench_decode)
+
+    for name, help_text in (
+        ("recall", "train each mixer on MQAR (multi-query associative recall): accuracy vs state size"),
+        ("state", "train each mixer on parity / S5 short, test long: state tracking and extrapolation"),
+    ):
+        p = bench.add_parser(name, help=help_text)
+        p.add_argument("--preset", default="quick", help="quick | standard | paper")
+        p.add_argument("--mixers", type=_csv(str), default=None, help="mixer names (default: the preset's)")
+        if name == "state":
+            p.add_argument("--tasks", type=_csv(str), default=("parity",), help="parity and/or s5")
+        p.add_argument("--max-steps", type=int, default=None, help="override the preset's training steps")
+        p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--out", default=None, help="default results/<bench>-<preset>-<UTC time>")
+        p.add_argument("--no-progress", action="store_true")
+        p.set_defaults(func=cmd_bench_tasks)
 
     p = bench.add_parser("lm-report", help="compare subquad train runs at equal steps and equal wall time")
     p.add_argument("runs", nargs="+", help="run directories written by subquad train")

@@ -125,3 +125,30 @@ def test_bad_layer_inputs_raise():
         make_mixer("linear_attn", D, H, feature_map="nope")
     with pytest.raises(ValueError, match="stateful"):
         make_mixer("op:attention", D, H)
+
+
+def test_feature_maps_shapes_positivity_and_performer_redraw():
+    from subquad.layers import FEATURE_MAPS, make_feature_map
+
+    x = torch.randn(2, 5, H, 8, dtype=torch.float64)
+    for name in FEATURE_MAPS:
+        fmap = make_feature_map(name, 8, H).double()
+        y = fmap(x)
+        assert y.shape == (2, 5, H, fmap.feature_dim()), name
+        if fmap.positive:
+            assert (y >= 0).all(), name
+    taylor = make_feature_map("taylor", 8, H).double()
+    q, k = x[0, 0, 0], x[0, 1, 0]
+    exact = 1 + q @ k / 8**0.5 + (q @ k / 8**0.5) ** 2 / 2
+    assert torch.allclose(taylor(x)[0, 0, 0] @ taylor(x)[0, 1, 0], exact)
+    perf = make_feature_map("performer", 8, H)
+    perf.redraw_interval = 2
+    before = perf.projection.clone()
+    perf.eval()
+    for _ in range(3):
+        perf(x.float())
+    assert torch.equal(perf.projection, before)  # evaluation never redraws
+    perf.train()
+    for _ in range(3):
+        perf(x.float())
+    assert not torch.equal(perf.projection, before)  # training redraws every 2 calls

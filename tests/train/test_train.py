@@ -185,3 +185,11 @@ def test_bad_train_config_is_rejected():
         TrainConfig(out_dir="x", min_lr_ratio=2.0)
     with pytest.raises(ValueError, match="corpus"):
         load_corpus("nope")
+
+
+def test_bf16_autocast_and_accumulation_train(tmp_path):
+    opts = {**TINY, "batch_size": 1, "grad_accum": 2, "bf16": True}
+    summary = train(TrainConfig(out_dir=str(tmp_path / "bf16"), max_steps=3, **opts))
+    assert summary["step"] == 3 and math.isfinite(summary["eval_loss"])
+    lines = [json.loads(x) for x in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in lines if "loss" in r)

@@ -39,6 +39,7 @@ MIXERS: dict[str, tuple[type[Mixer], dict[str, Any]]] = {
     "gla": (GLA, {}),
     "mamba2": (Mamba2, {}),
     "deltanet": (DeltaNet, {}),
+    "deltanet_neg": (DeltaNet, {"allow_neg_eigval": True}),
     "gated_deltanet": (GatedDeltaNet, {}),
     "gated_deltanet_neg": (GatedDeltaNet, {"allow_neg_eigval": True}),
     "rwkv7": (RWKV7, {}),

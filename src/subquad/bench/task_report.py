@@ -1,0 +1,237 @@
+"""Presets of the synthetic-task benchmark, and its report: tables and plots computed from
+``results.json`` alone (accuracy vs state size for recall, accuracy vs length for state tracking)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+
+from subquad.bench.tasks import TaskBenchConfig
+
+RECALL_MIXERS = ("attention", "swa", "linear_attn", "retnet", "gla", "mamba2", "deltanet", "gated_deltanet")
+STATE_MIXERS = (
+    "attention",
+    "gla",
+    "mamba2",
+    "deltanet",
+    "deltanet_neg",
+    "gated_deltanet",
+    "gated_deltanet_neg",
+)
+
+
+def recall_preset(name: str) -> TaskBenchConfig:
+    """MQAR settings per preset: ``quick`` (minutes), ``standard``, ``paper`` (Zoology-like sizes)."""
+    if name == "quick":
+        settings = (
+            {"seq_len": 64, "num_pairs": 4, "vocab_size": 128},
+            {"seq_len": 128, "num_pairs": 8, "vocab_size": 128},
+        )
+        return TaskBenchConfig(
+            task="mqar",
+            settings=settings,
+            mixers=RECALL_MIXERS,
+            lrs=(1e-3, 3e-3),
+            seeds=(0,),
+            max_steps=300,
+            eval_every=50,
+            num_train=3000,
+            num_test=200,
+        )
+    if name == "standard":
+        settings = tuple(
+            {"seq_len": L, "num_pairs": p, "vocab_size": 256}
+            for L, p in ((64, 4), (128, 8), (256, 16), (512, 32))
+        )
+        return TaskBenchConfig(
+            task="mqar",
+            settings=settings,
+            mixers=RECALL_MIXERS,
+            lrs=(5e-4, 1e-3, 3e-3),
+            seeds=(0, 1),
+            max_steps=1500,
+            eval_every=100,
+            num_train=10000,
+            num_test=500,
+        )
+    if name == "paper":
+        settings = tuple(
+            {"seq_len": L, "num_pairs": p, "vocab_size": 8192}
+            for L, p in ((64, 4), (128, 8), (256, 16), (512, 64))
+        )
+        return TaskBenchConfig(
+            task="mqar",
+            settings=settings,
+            mixers=RECALL_MIXERS,
+            hidden_size=128,
+            lrs=(1e-4, 3e-4, 1e-3, 3e-3),
+            seeds=(0, 1, 2),
+            max_steps=8000,
+            eval_every=200,
+            num_train=100000,
+            num_test=3000,
+        )
+    raise ValueError(f"preset must be quick, standard or paper, got {name!r}")
+
+
+def state_preset(name: str, task: str = "parity") -> TaskBenchConfig:
+    """Parity or S5: train on short sequences, test on longer ones too."""
+    if name not in ("quick", "standard", "paper"):
+        raise ValueError(f"preset must be quick, standard or paper, got {name!r}")
+    train_len = {"quick": 16, "standard": 32, "paper": 40}[name]
+    test_lens = {"quick": (64,), "standard": (128, 256), "paper": (256, 512)}[name]
+    steps = {"quick": 400, "standard": 2000, "paper": 10000}[name]
+    return TaskBenchConfig(
+        task=task,
+        settings=({"seq_len": train_len},),
+        test_settings=tuple({"seq_len": n} for n in test_lens),
+        mixers=STATE_MIXERS,
+        num_layers=1 if task == "parity" else 2,
+        lrs=(1e-3, 3e-3),
+        seeds=(0,) if name == "quick" else (0, 1),
+        max_steps=steps,
+        eval_every=50,
+        num_train=4000,
+        num_test=200,
+        threshold=0.99,
+    )
+
+
+def _setting_label(setting: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in setting.items() if k != "vocab_size")
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.fmean(xs) if xs else None
+
+
+def report(results: dict, out_dir: str | Path) -> str:
+    """Write ``report.md`` (and PNG plots) for a results dict; returns the markdown."""
+    out_dir = Path(out_dir)
+    lines = [f"# subquad bench {results.get('benchmark', '')}", ""]
+    m = results.get("machine", {})
+    lines.append(
+        f"Run {results.get('utc', '?')}, commit {m.get('git_commit')}, {m.get('cpu')}, "
+        f"torch {m.get('torch')}; every number below is read from `results.json`."
+    )
+    lines.append("")
+    for section in results["sections"]:
+        cfg, best = section["config"], section["best"]
+        lines.append(f"## {cfg['task']}: best learning rate per mixer, mean over seeds {list(cfg['seeds'])}")
+        lines.append("")
+        extra_tests = [k for k in best[0]["best"] if k != "test"] if best else []
+        head = [
+            "setting",
+            "mixer",
+            "accuracy",
+            *extra_tests,
+            "steps to " + str(cfg["threshold"]),
+            "state bytes",
+            "train tok/s",
+        ]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        groups: dict[tuple, list] = {}
+        for r in best:
+            groups.setdefault((_setting_label(r["setting"]), r["mixer"]), []).append(r)
+        for (setting, mixer), rs in groups.items():
+            steps = [r["steps_to_threshold"] for r in rs]
+            solved = [s for s in steps if s is not None]
+            cells = [setting, mixer, f"{_mean([r['accuracy'] for r in rs]):.3f}"]
+            cells += [f"{_mean([r['best'][k] for r in rs]):.3f}" for k in extra_tests]
+            cells += [
+                f"{statistics.fmean(solved):.0f} ({len(solved)}/{len(rs)})" if solved else "never",
+                f"{_mean([r['state_bytes'] for r in rs]):.0f}",
+                f"{_mean([r['train_tokens_per_s'] for r in rs]):.0f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        png = _plot(section, out_dir)
+        if png:
+            lines += [f"![{cfg['task']}]({Path(png).name})", ""]
+        lines += _summary(section)
+    text = "\n".join(lines) + "\n"
+    (out_dir / "report.md").write_text(text)
+    return text
+
+
+def _summary(section: dict) -> list[str]:
+    """The 'which mixer' lines, computed from the numbers: per setting, the mixers that reached the
+    threshold and the smallest state among them."""
+    cfg, best = section["config"], section["best"]
+    out = ["Computed summary:", ""]
+    by_setting: dict[str, list] = {}
+    for r in best:
+        by_setting.setdefault(_setting_label(r["setting"]), []).append(r)
+    for setting, rs in by_setting.items():
+        mixers = {}
+        for r in rs:
+            mixers.setdefault(r["mixer"], []).append(r)
+        acc = {mx: _mean([r["accuracy"] for r in v]) for mx, v in mixers.items()}
+        size = {mx: _mean([r["state_bytes"] for r in v]) for mx, v in mixers.items()}
+        solved = [mx for mx, a in acc.items() if a is not None and a >= cfg["threshold"]]
+        if solved:
+            smallest = min(solved, key=lambda mx: size[mx])
+            out.append(
+                f"- {cfg['task']} {setting}: solved by {', '.join(solved)}; smallest state among them: "
+                f"{smallest} ({size[smallest]:.0f} bytes)."
+            )
+        else:
+            top = max(acc, key=lambda mx: acc[mx] or 0)
+            out.append(
+                f"- {cfg['task']} {setting}: no mixer reached {cfg['threshold']}; "
+                f"best {top} ({acc[top]:.3f})."
+            )
+        for extra in [k for k in rs[0]["best"] if k != "test"]:
+            gen = {mx: _mean([r["best"][extra] for r in v]) for mx, v in mixers.items()}
+            good = [mx for mx, a in gen.items() if a is not None and a >= cfg["threshold"]]
+            out.append(f"  - {extra}: at or above {cfg['threshold']}: {', '.join(good) if good else 'none'}")
+    out.append("")
+    return out
+
+
+def _plot(section: dict, out_dir: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    cfg, best = section["config"], section["best"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    settings = list(dict.fromkeys(_setting_label(r["setting"]) for r in best))
+    markers = "osD^v<>p*h"
+    for i, setting in enumerate(settings):
+        for mixer in dict.fromkeys(r["mixer"] for r in best):
+            rs = [r for r in best if r["mixer"] == mixer and _setting_label(r["setting"]) == setting]
+            if not rs:
+                continue
+            ax.scatter(
+                _mean([r["state_bytes"] for r in rs]),
+                _mean([r["accuracy"] for r in rs]),
+                marker=markers[i % len(markers)],
+                label=f"{mixer} ({setting})",
+                s=40,
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("state bytes after one test sequence (measured from the cache)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{cfg['task']}: accuracy vs state size")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path = out_dir / f"{cfg['task']}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def write_results(results: dict, out_dir: str | Path) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = Path(out_dir) / "results.json"
+    path.write_text(json.dumps(results, indent=1))
+    return str(path)

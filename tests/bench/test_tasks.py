@@ -1,0 +1,65 @@
+"""The synthetic-task runner: records what it measured, and the report is computed from results.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from subquad.bench.task_report import recall_preset, report, state_preset, write_results
+from subquad.bench.tasks import TaskBenchConfig, run_task_bench
+
+
+def tiny(task="mqar", **kw):
+    settings = ({"seq_len": 16, "num_pairs": 2, "vocab_size": 32},) if task == "mqar" else ({"seq_len": 8},)
+    opts = dict(
+        task=task,
+        settings=settings,
+        mixers=("attention", "gla"),
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        lrs=(1e-3,),
+        num_train=64,
+        num_test=16,
+        batch_size=8,
+        max_steps=4,
+        eval_every=2,
+    )
+    opts.update(kw)
+    return TaskBenchConfig(**opts)
+
+
+def test_runner_records_runs_and_measured_state(tmp_path):
+    result = run_task_bench(tiny(), progress=False)
+    assert len(result["runs"]) == 2 and len(result["best"]) == 2
+    by = {r["mixer"]: r for r in result["runs"]}
+    # attention remembers every token (K and V per layer), GLA a fixed state: measured from the cache
+    assert by["attention"]["state_bytes"] == 2 * 16 * 16 * 4
+    assert by["gla"]["state_bytes"] == 2 * 4 * 8 * 4  # H=2, K=4 (expand_k 0.5), V=8, float32
+    assert all(0 <= r["accuracy"] <= 1 and r["history"] for r in result["runs"])
+    results = {"benchmark": "recall", "machine": {}, "sections": [result]}
+    write_results(results, tmp_path)
+    text = report(json.loads((tmp_path / "results.json").read_text()), tmp_path)
+    assert "| attention |" in text.replace("seq_len=16,num_pairs=2 | ", "| ")
+    # the report follows the JSON: change a number there and the report changes with it
+    results["sections"][0]["best"][0]["accuracy"] = 0.123456
+    assert "0.123" in report(results, tmp_path)
+
+
+def test_state_runner_evaluates_longer_sequences(tmp_path):
+    cfg = tiny(task="parity", test_settings=({"seq_len": 24},))
+    result = run_task_bench(cfg, progress=False)
+    assert "test_seq_len24" in result["runs"][0]["best"]
+    text = report({"benchmark": "state", "machine": {}, "sections": [result]}, tmp_path)
+    assert "test_seq_len24" in text and (tmp_path / "parity.png").exists()
+
+
+def test_presets_and_bad_configs():
+    assert recall_preset("quick").task == "mqar" and state_preset("quick", "s5").task == "s5"
+    with pytest.raises(ValueError, match="preset"):
+        recall_preset("huge")
+    with pytest.raises(ValueError, match="unknown mixers"):
+        tiny(mixers=("nope",))
+    with pytest.raises(ValueError, match="task must be"):
+        tiny(task="nope")
