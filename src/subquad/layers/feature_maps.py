@@ -3,7 +3,8 @@
 Shape legend: B batch, T time, H heads, K head dim in, F feature dim out.
 
 Each map takes ``[B, T, H, K]`` and returns ``[B, T, H, F]``; ``feature_dim(K)`` says F and
-``positive`` whether the features are >= 0 (required by the normalized form ``o / (q . sum k)``).
+``positive`` whether every kernel value ``phi(q) . phi(k)`` is >= 0 (required by the normalized form
+``o / (q . sum k)``): elementwise >= 0 features, or Taylor's ``1 + s + s^2 / 2`` whose features are not.
 """
 
 from __future__ import annotations

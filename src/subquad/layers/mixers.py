@@ -32,6 +32,7 @@ from subquad.layers.modules import (
     GatedHeadNorm,
     RotaryEmbedding,
     ShortConvolution,
+    autocast_input,
     check_layer_call,
     positions_in_sequence,
     token_shift,
@@ -100,6 +101,7 @@ class RecurrentMixer(Mixer):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         check_layer_call(x, self.hidden_size, cache, cu_seqlens, attention_mask)
+        x = autocast_input(x)
         T = x.shape[1]
         keep = None
         if attention_mask is not None:
@@ -567,6 +569,7 @@ class Attention(Mixer):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         check_layer_call(x, self.hidden_size, cache, cu_seqlens, attention_mask)
+        x = autocast_input(x)
         T = x.shape[1]
         d, Hk = self.head_dim, self.num_kv_heads
         q = self._heads(self.q_proj(x))

@@ -31,6 +31,15 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the autocast dtype when autocast is on for its device (else unchanged), so that the
+    projections, the gates computed from ``x`` and every op input share one dtype."""
+    dev = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(dev):
+        return x.to(torch.get_autocast_dtype(dev))
+    return x
+
+
 def check_layer_call(x: torch.Tensor, hidden_size: int, cache: LayerCache | None, cu_seqlens, attention_mask):
     """Shared argument checks of every mixer's ``forward``."""
     if x.ndim != 3 or x.shape[-1] != hidden_size:

@@ -9,6 +9,7 @@ naming the argument, what was expected and what was received. Nothing is clamped
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Iterator, Sequence
 
@@ -171,3 +172,20 @@ def check_initial_state(
         raise ValueError(f"initial_state is on {initial_state.device} but q is on {device}; they must match")
     if _CHECK_FINITE and not bool(torch.isfinite(initial_state).all()):
         raise ValueError("initial_state contains NaN or Inf values")
+
+
+def autocast_exempt(fn):
+    """Run the op with autocast off: an op keeps its own precision rules (float32 states and
+    accumulation, outputs in the input dtype), which autocast would break by recasting single
+    matmuls inside it. Its inputs must still share one dtype (a mixer casts them first)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        dev = first.device.type if first is not None else "cpu"
+        if torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper

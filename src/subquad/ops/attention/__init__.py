@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from subquad.ops._common import validation as val
+from subquad.ops._common.validation import autocast_exempt
 from subquad.ops._common.varlen import seq_bounds
 from subquad.ops.attention.chunk import chunk_attention
 from subquad.ops.attention.decode import decode_attention
@@ -18,6 +19,7 @@ from subquad.ops.attention.sparse import sparse_attention
 MODES = ("reference", "chunk")
 
 
+@autocast_exempt
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -120,6 +122,7 @@ def attention(
     return (o, lse) if return_lse else o
 
 
+@autocast_exempt
 def attention_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,

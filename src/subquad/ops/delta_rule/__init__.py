@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from subquad.ops._common import validation as val
+from subquad.ops._common.validation import autocast_exempt
 from subquad.ops._common.varlen import run_padded
 from subquad.ops.delta_rule.chunk import chunk_delta_rule
 from subquad.ops.delta_rule.recurrent import recurrent_delta_rule
@@ -53,6 +54,7 @@ def _run(q, k, v, g, beta, *, mode, scale, initial_state, output_final_state, cu
     return run_padded(recurrent_delta_rule, tensors, cu_seqlens, **common)
 
 
+@autocast_exempt
 def delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -92,6 +94,7 @@ def delta_rule(
     )  # fmt: skip
 
 
+@autocast_exempt
 def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,

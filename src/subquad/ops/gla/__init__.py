@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from subquad.ops._common import validation as val
+from subquad.ops._common.validation import autocast_exempt
 from subquad.ops._common.varlen import run_padded
 from subquad.ops.gla.chunk import chunk_gla
 from subquad.ops.gla.recurrent import recurrent_gla
@@ -16,6 +17,7 @@ from subquad.ops.gla.reference import reference_gla
 MODES = ("reference", "chunk", "recurrent")
 
 
+@autocast_exempt
 def gla(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from subquad.ops._common import validation as val
+from subquad.ops._common.validation import autocast_exempt
 from subquad.ops._common.varlen import run_padded
 from subquad.ops.linear_attn.chunk import chunk_linear_attn
 from subquad.ops.linear_attn.reference import reference_linear_attn
@@ -20,6 +21,7 @@ def _recurrent(q, k, v, scale, initial_state, output_final_state):
     return recurrent_scalar_decay(q, k, v, None, None, scale, initial_state, output_final_state)
 
 
+@autocast_exempt
 def linear_attn(
     q: torch.Tensor,
     k: torch.Tensor,

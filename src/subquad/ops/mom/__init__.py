@@ -10,6 +10,7 @@ import torch
 
 from subquad.ops._common import validation as val
 from subquad.ops._common.chunking import state_dtype
+from subquad.ops._common.validation import autocast_exempt
 from subquad.ops._common.varlen import seq_bounds
 from subquad.ops.delta_rule import delta_rule, gated_delta_rule
 from subquad.ops.gla import gla
@@ -30,6 +31,7 @@ BASE_OPS = {
 }
 
 
+@autocast_exempt
 def mom(
     q: torch.Tensor,
     k: torch.Tensor,

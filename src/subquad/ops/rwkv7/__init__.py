@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from subquad.ops._common import validation as val
+from subquad.ops._common.validation import autocast_exempt
 from subquad.ops._common.varlen import run_padded
 from subquad.ops.rwkv7.chunk import chunk_rwkv7
 from subquad.ops.rwkv7.recurrent import recurrent_rwkv7
@@ -16,6 +17,7 @@ from subquad.ops.rwkv7.reference import reference_rwkv7
 MODES = ("reference", "chunk", "recurrent")
 
 
+@autocast_exempt
 def rwkv7(
     r: torch.Tensor,
     w: torch.Tensor,

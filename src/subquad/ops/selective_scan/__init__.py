@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from subquad.ops._common import validation as val
+from subquad.ops._common.validation import autocast_exempt
 from subquad.ops._common.varlen import run_padded
 from subquad.ops.selective_scan.chunk import chunk_selective_scan
 from subquad.ops.selective_scan.recurrent import recurrent_selective_scan
@@ -17,6 +18,7 @@ from subquad.ops.selective_scan.reference import reference_selective_scan
 MODES = ("reference", "chunk", "recurrent")
 
 
+@autocast_exempt
 def selective_scan(
     x: torch.Tensor,
     dt: torch.Tensor,

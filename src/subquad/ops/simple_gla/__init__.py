@@ -9,6 +9,7 @@ import torch
 
 from subquad.ops._common import validation as val
 from subquad.ops._common.chunking import state_dtype
+from subquad.ops._common.validation import autocast_exempt
 from subquad.ops._common.varlen import run_padded
 from subquad.ops.simple_gla.chunk import chunk_scalar_decay
 from subquad.ops.simple_gla.recurrent import recurrent_scalar_decay
@@ -17,6 +18,7 @@ from subquad.ops.simple_gla.reference import reference_simple_gla
 MODES = ("reference", "chunk", "recurrent")
 
 
+@autocast_exempt
 def simple_gla(
     q: torch.Tensor,
     k: torch.Tensor,

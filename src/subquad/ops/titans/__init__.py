@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from subquad.ops._common import validation as val
+from subquad.ops._common.validation import autocast_exempt
 from subquad.ops._common.varlen import seq_bounds
 from subquad.ops.titans.chunk import chunk_titans
 from subquad.ops.titans.recurrent import recurrent_titans
@@ -17,6 +18,7 @@ from subquad.ops.ttt_linear import check_mini_batch_size, check_rate
 MODES = ("reference", "chunk", "recurrent")
 
 
+@autocast_exempt
 def titans(
     q: torch.Tensor,
     k: torch.Tensor,

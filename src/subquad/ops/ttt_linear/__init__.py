@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from subquad.ops._common import validation as val
+from subquad.ops._common.validation import autocast_exempt
 from subquad.ops._common.varlen import run_padded
 from subquad.ops.ttt_linear.chunk import chunk_ttt_linear
 from subquad.ops.ttt_linear.recurrent import recurrent_ttt_linear
@@ -33,6 +34,7 @@ def check_rate(name: str, x: torch.Tensor, q: torch.Tensor) -> None:
         raise ValueError(f"{name} is a learning rate and must be >= 0, got min {low:.4g}")
 
 
+@autocast_exempt
 def ttt_linear(
     q: torch.Tensor,
     k: torch.Tensor,
