@@ -113,6 +113,44 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_kv(args: argparse.Namespace) -> int:
+    from subquad.bench.kv import KVBenchConfig, default_out_dir, format_report, plot_kv, quick_config, run_kv
+
+    fields = {
+        name: value
+        for name, value in {
+            "contexts": args.contexts,
+            "depths": args.depths,
+            "ratios": args.ratios,
+            "policies": args.policies,
+            "samples": args.samples,
+            "ppl_segments": args.ppl_segments,
+            "decode_tokens": args.decode_tokens,
+            "decode_budget": args.decode_budget,
+            "threads": args.threads,
+        }.items()
+        if value is not None
+    }
+    fields["out"] = args.out or default_out_dir()
+    try:
+        cfg = quick_config(**fields) if args.quick else KVBenchConfig(**fields)
+    except ValueError as err:
+        print(f"subquad bench kv: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = run_kv(cfg, progress=not args.no_progress)
+    except RuntimeError as err:  # the model is not installed
+        print(f"subquad bench kv: {err}", file=sys.stderr)
+        return 2
+    report = format_report(result)
+    with open(os.path.join(cfg.out, "report.md"), "w") as f:
+        f.write(report)
+    print(report)
+    png = plot_kv(result, os.path.join(cfg.out, "kv.png"))
+    print(f"wrote {os.path.join(cfg.out, 'kv.json')}, report.md" + (f" and {png}" if png else ""))
+    return 0
+
+
 def cmd_bench_lm_report(args: argparse.Namespace) -> int:
     from subquad.bench.lm_report import format_table, plot, summarize
 
@@ -290,6 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=None, help="default results/<bench>-<preset>-<UTC time>")
         p.add_argument("--no-progress", action="store_true")
         p.set_defaults(func=cmd_bench_tasks)
+
+    p = bench.add_parser(
+        "kv", help="KV-cache compression on SmolLM2-135M: passkey, perplexity, bytes, bounded decoding"
+    )
+    p.add_argument("--contexts", type=_csv(int), default=None, help="default 1024,...,8192")
+    p.add_argument("--depths", type=_csv(float), default=None, help="needle depths (default 0.1,...,0.9)")
+    p.add_argument("--ratios", type=_csv(float), default=None, help="fractions removed (0.25,0.5,0.75,0.875)")
+    p.add_argument("--policies", type=_csv(str), default=None, help="default: all policies")
+    p.add_argument("--samples", type=int, default=None, help="passkey prompts per (context, depth)")
+    p.add_argument("--ppl-segments", type=int, default=None, help="Shakespeare segments for perplexity")
+    p.add_argument("--decode-tokens", type=int, default=None, help="tokens decoded in the bounded-memory run")
+    p.add_argument("--decode-budget", type=int, default=None, help="token budget of that run")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="output directory (default results/kv-<UTC time>)")
+    p.add_argument("--quick", action="store_true", help="1K and 2K contexts, 3 depths, short decode")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench_kv)
 
     p = bench.add_parser("lm-report", help="compare subquad train runs at equal steps and equal wall time")
     p.add_argument("runs", nargs="+", help="run directories written by subquad train")

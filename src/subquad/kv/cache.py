@@ -1,0 +1,480 @@
+"""A Hugging Face cache that keeps, per layer and per KV head, only the tokens a policy keeps.
+
+Storage of one layer:
+
+* a dense *tail* ``[B, H, R, D]`` of the most recent tokens (appended by ``update``), and
+* a *packed* part holding what survived the last compression: ``keys [N, D]``, ``values [N, Dv]``,
+  ``positions [N]`` (int32, the original token positions) and ``lengths [B, H]``; segment
+  ``(b, h)`` holds ``lengths[b, h]`` tokens, so heads may keep different numbers of tokens and
+  nothing is padded or masked.
+
+Keys are stored after the model's rotary embedding, so a kept token keeps the position it was
+seen at; ``get_seq_length`` counts every token seen, so new tokens get the next positions.
+Attention over the two parts goes through :mod:`subquad.kv.attention` (a registered attention
+implementation); until a layer has compressed anything it calls the model's own attention
+function on the tail, bit for bit what a ``DynamicCache`` gives.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from subquad.kv.budget import Budget, resolve_budgets
+from subquad.kv.policies import Policy, ScoreContext, make_policy
+
+# The layer whose `update` ran last hands itself to the attention function that HF calls next.
+_HANDOFF = threading.local()
+
+# scores of one query block stay under this many elements
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def take_handoff():
+    layer = getattr(_HANDOFF, "layer", None)
+    _HANDOFF.layer = None
+    return layer
+
+
+def allowed_from_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """HF 4D mask (bool: True = attend, or additive float) as bool ``[B, 1, Tq, Kv]``."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return mask
+    return mask == 0
+
+
+def multi_part_attention(
+    q: torch.Tensor,
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    scaling: float,
+    want_sums: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Softmax attention of ``q [*, G, Tq, D]`` over the union of several key/value parts.
+
+    Each part is ``(k [*, L, D], v [*, L, Dv], allowed)`` with ``allowed`` broadcastable to
+    ``[*, Tq, L]`` (None: all allowed). One softmax spans all parts, so the result equals attention
+    over the concatenated keys without building that concatenation. Query rows are processed in
+    blocks so one block's scores stay small. Rows with no allowed key give zeros.
+
+    Returns:
+        ``out [*, G, Tq, Dv]`` and, if ``want_sums``, per part the attention each key received,
+        summed over G and Tq: ``[*, L]``.
+    """
+    tq = q.shape[-2]
+    sums = [k.new_zeros(k.shape[:-1], dtype=torch.float32) for k, _, _ in parts] if want_sums else None
+    nonempty = [i for i, (k, _, _) in enumerate(parts) if k.shape[-2] > 0]
+    parts = [parts[i] for i in nonempty]
+    total = sum(k.shape[-2] for k, _, _ in parts) * q.shape[-3]
+    block = max(1, _BLOCK_ELEMENTS // max(1, total))
+    outs = []
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)  # softmax in at least float32
+    for r0 in range(0, tq, block):
+        qb = q[..., r0 : r0 + block, :]
+        scores = []
+        for k, _, allowed in parts:
+            s = torch.matmul(qb, k.unsqueeze(-3).transpose(-1, -2)).to(acc_dtype) * scaling
+            if allowed is not None:
+                s = s.masked_fill(~allowed[..., r0 : r0 + block, :].unsqueeze(-3), -math.inf)
+            scores.append(s)
+        m = torch.stack([s.amax(dim=-1) for s in scores]).amax(dim=0, keepdim=False).unsqueeze(-1)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        probs = [torch.exp(s - m) for s in scores]
+        den = sum(p.sum(dim=-1, keepdim=True) for p in probs).clamp_min(torch.finfo(acc_dtype).tiny)
+        out = None
+        for p, (_, v, _) in zip(probs, parts, strict=True):
+            o = torch.matmul((p / den).to(v.dtype), v.unsqueeze(-3))
+            out = o if out is None else out + o
+        outs.append(out)
+        if want_sums:
+            for i, p in zip(nonempty, probs, strict=True):
+                sums[i] += (p / den).sum(dim=(-3, -2))
+    return torch.cat(outs, dim=-2), sums
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One decoder layer's compressed cache (see the module docstring)."""
+
+    is_sliding = False
+    is_croppable = False
+    is_compileable = False
+
+    def __init__(
+        self,
+        *,
+        layer_idx: int,
+        num_layers: int,
+        policy: Policy | None,
+        budget: Budget | None,
+        evict_every: int = 32,
+        query_window: int | None = None,
+        track_attention: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_layers = num_layers
+        self.policy = policy
+        self.budget = budget if policy is not None else None
+        self.evict_every = evict_every
+        active = self.budget is not None
+        self.query_window = query_window if query_window is not None else (policy.window if active else 0)
+        self.track_attention = (
+            track_attention if track_attention is not None else bool(active and policy.tracks_attention)
+        )
+        self.seen = 0
+        self.seen_at_compression = 0
+        self.compressions = 0
+        self.scaling: float | None = None
+        self.pk = self.pv = self.ppos = self.plen = None
+        self.pacc = self.tacc = None
+        self.qwin = None
+
+    # --- the CacheLayerMixin interface ---------------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if getattr(_HANDOFF, "layer", None) is not None:
+            raise RuntimeError(
+                "CompressedCache: the model's attention did not go through subquad.kv; build the cache with "
+                "CompressedCache(model, ...) or use `with subquad.kv.compress(model, ...)`, which install it"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.seen += key_states.shape[-2]
+        if self.track_attention:
+            fresh = key_states.new_zeros(key_states.shape[:-1], dtype=torch.float32)
+            self.tacc = fresh if self.tacc is None else torch.cat([self.tacc, fresh], dim=-1)
+        _HANDOFF.layer = self
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # masks stay in original-position coordinates: column j is the token seen at position j
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.seen = 0
+        self.pk = self.pv = self.ppos = self.plen = None
+        self.pacc = self.tacc = self.qwin = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("CompressedCache does not support beam search")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            raise NotImplementedError("CompressedCache: repeat the batch before the first forward")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("CompressedCache does not support selecting batch rows")
+
+    # --- sizes ---------------------------------------------------------------------------------
+
+    def held_tokens(self) -> torch.Tensor:
+        """Tokens held per ``[B, H]``."""
+        if not self.is_initialized:
+            return torch.zeros(0, 0, dtype=torch.long)
+        tail = self.keys.shape[-2]
+        if self.plen is None:
+            return torch.full(self.keys.shape[:2], tail, dtype=torch.long)
+        return self.plen + tail
+
+    def kv_bytes(self) -> int:
+        """Bytes of the tensors that hold keys and values (with their positions and lengths)."""
+        ts = [self.keys, self.values, self.pk, self.pv, self.ppos, self.plen]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def state_bytes(self) -> int:
+        """Bytes the policy keeps beside the cache (recent queries, accumulated attention)."""
+        ts = [self.qwin, self.pacc, self.tacc]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    # --- attention -----------------------------------------------------------------------------
+
+    def _uniform(self) -> int | None:
+        lengths = self.plen.unique()
+        return int(lengths[0]) if lengths.numel() == 1 else None
+
+    def attend(self, q: torch.Tensor, mask: torch.Tensor | None, scaling: float, delegate) -> torch.Tensor:
+        """Attention output ``[B, Tq, Hq, Dv]`` of ``q [B, Hq, Tq, D]`` over everything held."""
+        tq = q.shape[-2]
+        self.scaling = scaling
+        own = self.pk is not None or self.track_attention
+        out = self._attend(q, mask, scaling) if own else delegate()
+        if self.query_window:
+            qw = q if self.qwin is None else torch.cat([self.qwin, q], dim=-2)
+            self.qwin = qw[:, :, -self.query_window :].clone()
+        if self.budget is not None and self._due(tq):
+            self.compress(mask, chunk_queries=q)
+        return out
+
+    def _attend(self, q: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        b, hq, tq, d = q.shape
+        h = self.keys.shape[1]
+        qg = q.reshape(b, h, hq // h, tq, d)
+        allowed = allowed_from_mask(mask)
+        if allowed is not None and allowed.shape[0] != b:
+            allowed = allowed.expand(b, *allowed.shape[1:])
+        seen, tail = self.seen, self.keys.shape[-2]
+        if allowed is not None:
+            allow_t = allowed[:, :, :, seen - tail : seen]
+        else:
+            qpos = torch.arange(seen - tq, seen, device=q.device)
+            tpos = torch.arange(seen - tail, seen, device=q.device)
+            allow_t = (tpos[None, :] <= qpos[:, None])[None, None]
+        track = self.track_attention
+        if self.pk is None:
+            out, sums = multi_part_attention(qg, [(self.keys, self.values, allow_t)], scaling, track)
+            if track:
+                self.tacc += sums[0]
+        elif (lp := self._uniform()) is not None:
+            kp = self.pk.view(b, h, lp, -1)
+            vp = self.pv.view(b, h, lp, -1)
+            allow_p = None
+            if allowed is not None:
+                pos = self.ppos.long().view(b, 1, h * lp).expand(b, tq, h * lp)
+                allow_p = allowed[:, 0].gather(-1, pos).view(b, tq, h, lp).transpose(1, 2)
+            parts = [(kp, vp, allow_p), (self.keys, self.values, allow_t)]
+            out, sums = multi_part_attention(qg, parts, scaling, track)
+            if track:
+                self.pacc += sums[0].reshape(-1)
+                self.tacc += sums[1]
+        else:
+            out = q.new_empty(b, h, hq // h, tq, self.values.shape[-1])
+            starts = torch.cumsum(self.plen.flatten(), 0) - self.plen.flatten()
+            for bi in range(b):
+                for hi in range(h):
+                    s0 = int(starts[bi * h + hi])
+                    s1 = s0 + int(self.plen[bi, hi])
+                    allow_p = None
+                    if allowed is not None:
+                        allow_p = allowed[bi, 0][:, self.ppos[s0:s1].long()]
+                    at = allow_t[bi if allow_t.shape[0] > 1 else 0, 0]
+                    parts = [
+                        (self.pk[s0:s1], self.pv[s0:s1], allow_p),
+                        (self.keys[bi, hi], self.values[bi, hi], at),
+                    ]
+                    out[bi, hi], sums = multi_part_attention(qg[bi, hi], parts, scaling, track)
+                    if track:
+                        self.pacc[s0:s1] += sums[0]
+                        self.tacc[bi, hi] += sums[1]
+        return out.reshape(b, hq, tq, -1).transpose(1, 2)
+
+    # --- compression ---------------------------------------------------------------------------
+
+    def _targets(self) -> int:
+        return self.policy.layer_target(self.budget.target(self.seen), self.layer_idx, self.num_layers)
+
+    def _due(self, tq: int) -> bool:
+        # after a multi-token forward (prefill, a prefill chunk) compress at once; while decoding, once
+        # every `evict_every` tokens, so a head never holds more than its budget + evict_every
+        if int(self.held_tokens().max()) <= self._targets():
+            return False
+        return tq > 1 or self.seen - self.seen_at_compression >= self.evict_every
+
+    def _candidates(self):
+        """Everything held as a padded ``[B, H, L, *]`` view: packed segments first, then the tail."""
+        b, h, tail = self.keys.shape[:3]
+        dev = self.keys.device
+        tpos = torch.arange(self.seen - tail, self.seen, device=dev).expand(b, h, tail)
+        tacc = self.tacc
+        if self.pk is None:
+            exists = torch.ones(b, h, tail, dtype=torch.bool, device=dev)
+            return self.keys, self.values, tpos, exists, tacc
+        lmax = int(self.plen.max())
+        seg = torch.repeat_interleave(torch.arange(b * h, device=dev), self.plen.flatten().to(dev))
+        starts = torch.cumsum(self.plen.flatten(), 0).to(dev) - self.plen.flatten().to(dev)
+        dest = seg * lmax + (torch.arange(seg.numel(), device=dev) - starts[seg])
+
+        def pad(flat: torch.Tensor, fill) -> torch.Tensor:
+            out = flat.new_full((b * h * lmax, *flat.shape[1:]), fill)
+            out[dest] = flat
+            return out.view(b, h, lmax, *flat.shape[1:])
+
+        keys = torch.cat([pad(self.pk, 0), self.keys], dim=2)
+        values = torch.cat([pad(self.pv, 0), self.values], dim=2)
+        pos = torch.cat([pad(self.ppos.long(), -1), tpos], dim=2)
+        exists = pos >= 0
+        acc = None if tacc is None else torch.cat([pad(self.pacc, 0.0), tacc], dim=2)
+        return keys, values, pos, exists, acc
+
+    def compress(
+        self,
+        mask: torch.Tensor | None = None,
+        chunk_queries: torch.Tensor | None = None,
+        scaling: float | None = None,
+    ) -> None:
+        """Score everything held with the policy and keep the top tokens of each head."""
+        if self.policy is None or self.budget is None:
+            raise ValueError("CompressedLayer.compress needs a policy and a budget")
+        keys, values, pos, exists, acc = self._candidates()
+        b, h, n = pos.shape
+        allowed = allowed_from_mask(mask)
+        if allowed is not None:
+            real_cols = allowed[:, 0, -1, : self.seen].expand(b, -1)
+        else:
+            real_cols = torch.ones(b, self.seen, dtype=torch.bool, device=pos.device)
+        flat_pos = pos.clamp_min(0).view(b, h * n)
+        real = real_cols.gather(1, flat_pos).view(b, h, n) & exists
+        rank = (torch.cumsum(real_cols.long(), dim=1) - 1).gather(1, flat_pos).view(b, h, n)
+        queries = self.qwin if self.query_window else chunk_queries
+        if queries is None:  # the policy needs no queries
+            queries = keys.new_zeros(b, h, 0, keys.shape[-1])
+        nq = queries.shape[-2]
+        ctx = ScoreContext(
+            keys=keys,
+            values=values,
+            positions=pos,
+            valid=real,
+            rank=rank,
+            queries=queries,
+            query_positions=torch.arange(self.seen - nq, self.seen, device=pos.device),
+            attention_sums=acc,
+            scaling=scaling if scaling is not None else self.scaling,
+            layer_idx=self.layer_idx,
+            num_layers=self.num_layers,
+            seen=self.seen,
+            target=self._targets(),
+        )
+        per_head = self.policy.head_targets(ctx)
+        want = torch.full((h,), ctx.target, dtype=torch.long) if per_head is None else per_head.long().cpu()
+        keep_n = torch.minimum(want.view(1, h).expand(b, h), exists.sum(-1).cpu())
+        scores = self.policy.score(ctx).float()
+        if scores.shape != pos.shape:
+            shape = tuple(pos.shape)
+            raise ValueError(f"policy {self.policy.name}: scores {tuple(scores.shape)}, expected {shape}")
+        # pad tokens of the batch go first, the padding of the ragged view never stays
+        scores = torch.where(real, scores, torch.full_like(scores, -3e38))
+        scores = scores.masked_fill(~exists, -math.inf)
+        # ties (e.g. several always-kept tokens beyond the budget) go to the most recent token
+        by_pos = pos.argsort(dim=-1, descending=True, stable=True)
+        order = by_pos.gather(-1, scores.gather(-1, by_pos).argsort(dim=-1, descending=True, stable=True))
+        arange = torch.arange(n, device=pos.device).expand(b, h, n)
+        ranks = torch.empty_like(order).scatter_(-1, order, arange)
+        keep = ranks < keep_n.to(ranks.device).unsqueeze(-1)
+        self.pk = keys[keep]
+        self.pv = values[keep]
+        self.ppos = pos[keep].to(torch.int32)
+        self.plen = keep.sum(-1).cpu()
+        self.pacc = acc[keep] if acc is not None else None
+        self.keys = self.keys[:, :, :0]
+        self.values = self.values[:, :, :0]
+        self.tacc = self.tacc[:, :, :0] if self.tacc is not None else None
+        self.compressions += 1
+        self.seen_at_compression = self.seen
+
+
+class CompressedCache(Cache):
+    """A ``transformers`` cache that stores only what an eviction policy keeps.
+
+    Pass it to ``model(...)`` or ``model.generate(cache=cache)``. Building it with a model
+    installs subquad's attention implementation on that model (see :func:`subquad.kv.attention.install`).
+
+    Args:
+        model: the causal LM (or pass ``num_layers`` and install yourself).
+        policy: a :class:`~subquad.kv.policies.Policy` or its name (``snapkv``, ``h2o``, ...). None keeps all.
+        budget: kept fraction (float) or kept tokens (int); or ``ratio`` (fraction removed) or ``tokens``.
+            Any of them may be a per-layer list.
+        evict_every: while decoding, compress once a head holds this many tokens above its budget, so the
+            cache stays within ``budget + evict_every`` tokens per head.
+        query_window, track_attention: keep this many recent query rows / accumulate attention even when
+            the policy does not need them (for :meth:`compress_now` after an uncompressed prefill).
+    """
+
+    def __init__(
+        self,
+        model=None,
+        policy: Policy | str | None = None,
+        *,
+        budget=None,
+        ratio=None,
+        tokens=None,
+        evict_every: int = 32,
+        num_layers: int | None = None,
+        query_window: int | None = None,
+        track_attention: bool | None = None,
+        **policy_kwargs,
+    ) -> None:
+        if model is not None:
+            from subquad.kv.attention import install
+
+            num_layers = install(model)
+        if num_layers is None:
+            raise ValueError("CompressedCache: pass the model (or num_layers after installing the attention)")
+        if isinstance(evict_every, bool) or not isinstance(evict_every, int) or evict_every < 1:
+            raise ValueError(f"CompressedCache: evict_every must be a positive int, got {evict_every!r}")
+        self.policy = make_policy(policy, **policy_kwargs) if policy is not None else None
+        budgets = resolve_budgets(num_layers, budget=budget, ratio=ratio, tokens=tokens)
+        if self.policy is None and any(bd is not None for bd in budgets):
+            raise ValueError("CompressedCache: a budget needs a policy (e.g. policy='snapkv')")
+        layers = [
+            CompressedLayer(
+                layer_idx=i,
+                num_layers=num_layers,
+                policy=self.policy,
+                budget=budgets[i],
+                evict_every=evict_every,
+                query_window=query_window,
+                track_attention=track_attention,
+            )
+            for i in range(num_layers)
+        ]
+        super().__init__(layers=layers)
+
+    def kv_bytes(self) -> int:
+        """Bytes of every tensor that holds keys and values (positions and lengths included)."""
+        return sum(layer.kv_bytes() for layer in self.layers)
+
+    def state_bytes(self) -> int:
+        """Bytes the policy keeps beside the keys and values."""
+        return sum(layer.state_bytes() for layer in self.layers)
+
+    def held_tokens(self) -> torch.Tensor:
+        """Tokens held ``[layers, B, H]``."""
+        return torch.stack([layer.held_tokens() for layer in self.layers])
+
+    def compress_now(
+        self, policy: Policy | str, *, budget=None, ratio=None, tokens=None, **policy_kwargs
+    ) -> None:
+        """Compress every layer now with ``policy`` (using the queries kept by ``query_window``).
+
+        Token budgets above the tokens held are an error here: there is nothing to compress to.
+        """
+        policy = make_policy(policy, **policy_kwargs)
+        budgets = resolve_budgets(len(self.layers), budget=budget, ratio=ratio, tokens=tokens)
+        for layer, bd in zip(self.layers, budgets, strict=True):
+            if not layer.is_initialized:
+                raise ValueError("compress_now: the cache is empty; run the prompt through the model first")
+            if bd is not None and bd.tokens is not None and bd.tokens > layer.seen:
+                raise ValueError(
+                    f"compress_now: tokens={bd.tokens} is above the {layer.seen} tokens in the cache (layer "
+                    f"{layer.layer_idx})"
+                )
+            if policy.tracks_attention and layer.tacc is None:
+                raise ValueError(f"{policy.name} needs attention sums: build with track_attention=True")
+            if policy.window and (layer.qwin is None or layer.qwin.shape[-2] < policy.window):
+                raise ValueError(
+                    f"policy {policy.name} needs the last {policy.window} queries: build the cache with "
+                    f"query_window >= {policy.window}"
+                )
+            layer.policy, layer.budget = policy, bd
+            if bd is not None and int(layer.held_tokens().max()) > layer._targets():
+                layer.compress(scaling=layer.scaling)
