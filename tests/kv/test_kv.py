@@ -454,3 +454,54 @@ def test_smollm2_ratio_zero_exact_and_snapkv_half_cache_finds_the_passkey():
         out = model.generate(x, max_new_tokens=8, do_sample=False)
     assert p.answer in tok.decode(out[0, x.shape[1] :])
     assert press.last_cache.kv_bytes() < 0.55 * 30 * 3 * 2 * 64 * 4 * x.shape[1]
+
+
+# --- quantization ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantize_round_trip_is_within_half_a_step(quant):
+    from subquad.kv.quant import BITS, dequantize_rows, quantize
+
+    x = torch.randn(5, 40, 16) * torch.linspace(0.1, 10, 16)  # outlier channels
+    codes, scale, zero = quantize(x, dim=1, bits=BITS[quant])  # per channel over tokens
+    assert codes.dtype == torch.uint8 and codes.shape[-1] == (16 if quant == "int8" else 8)
+    flat = codes.reshape(-1, codes.shape[-1])
+    s = scale[:, None].expand(5, 40, 16).reshape(-1, 16)
+    z = zero[:, None].expand(5, 40, 16).reshape(-1, 16)
+    back = dequantize_rows(flat, s, z, BITS[quant], torch.float32).view_as(x)
+    step = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) / (2 ** BITS[quant] - 1)
+    assert bool(((back - x).abs() <= step / 2 + 2e-3 * x.abs().amax(1, keepdim=True)).all())
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_cache_is_smaller_close_and_never_requantizes(quant):
+    model = tiny_llama(head_dim=64)
+    x, nxt = ids(2, 200), ids(2, 5, seed=9)
+    with torch.no_grad():
+        full = kv.CompressedCache(model)
+        model(x, cache=full)
+        ref = model(nxt, cache=full).logits
+        cache = kv.CompressedCache(model, quant=quant)
+        model(x, cache=cache)
+        out = model(nxt, cache=cache).logits
+        # per token-head: codes of K and V, int32 position and group, float16 value scale and zero
+        code = 64 if quant == "int8" else 32
+        expect = (2 * code + 4 + 4 + 4) / 512
+        packed = cache.layers[0]
+        assert packed.pk.shape == (2 * 2 * 200, code)
+        assert cache.kv_bytes() / full.kv_bytes() < expect + 0.05
+        assert (out - ref).abs().max() < (0.01 if quant == "int8" else 0.05) * ref.abs().max()
+
+        compressed = kv.CompressedCache(model, "streamingllm", ratio=0.5, quant=quant)
+        model(x, cache=compressed)
+        layer = compressed.layers[1]
+        n = int(layer.plen[0, 0])  # the first segment: batch row 0, KV head 0
+        before = dict(zip(layer.ppos.tolist()[:n], layer._packed_kv()[0][:n], strict=True))
+        for _ in range(40):  # decoding evicts and moves new tokens in, twice
+            model(ids(2, 1, seed=_), cache=compressed)
+        n = int(layer.plen[0, 0])
+        after = dict(zip(layer.ppos.tolist()[:n], layer._packed_kv()[0][:n], strict=True))
+        common = [p for p in after if p in before]
+        assert common and all(torch.equal(before[p], after[p]) for p in common)
+        assert layer.compressions >= 2

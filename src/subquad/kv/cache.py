@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from subquad.kv.budget import Budget, resolve_budgets
 from subquad.kv.policies import Policy, ScoreContext, make_policy
+from subquad.kv.quant import BITS, check_quant, dequantize_rows, quantize
 
 # The layer whose `update` ran last hands itself to the attention function that HF calls next.
 _HANDOFF = threading.local()
@@ -114,8 +115,10 @@ class CompressedLayer(CacheLayerMixin):
         evict_every: int = 32,
         query_window: int | None = None,
         track_attention: bool | None = None,
+        quant: str | None = None,
     ) -> None:
         super().__init__()
+        self.quant = check_quant(quant)
         self.layer_idx = layer_idx
         self.num_layers = num_layers
         self.policy = policy
@@ -133,6 +136,7 @@ class CompressedLayer(CacheLayerMixin):
         self.pk = self.pv = self.ppos = self.plen = None
         self.pacc = self.tacc = None
         self.qwin = None
+        self.kgroup = self.kscale = self.kzero = self.vscale = self.vzero = None
 
     # --- the CacheLayerMixin interface ---------------------------------------------------------
 
@@ -175,6 +179,7 @@ class CompressedLayer(CacheLayerMixin):
         self.seen = 0
         self.pk = self.pv = self.ppos = self.plen = None
         self.pacc = self.tacc = self.qwin = None
+        self.kgroup = self.kscale = self.kzero = self.vscale = self.vzero = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("CompressedCache does not support beam search")
@@ -200,6 +205,7 @@ class CompressedLayer(CacheLayerMixin):
     def kv_bytes(self) -> int:
         """Bytes of the tensors that hold keys and values (with their positions and lengths)."""
         ts = [self.keys, self.values, self.pk, self.pv, self.ppos, self.plen]
+        ts += [self.kgroup, self.kscale, self.kzero, self.vscale, self.vzero]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def state_bytes(self) -> int:
@@ -224,6 +230,8 @@ class CompressedLayer(CacheLayerMixin):
             self.qwin = qw[:, :, -self.query_window :].clone()
         if self.budget is not None and self._due(tq):
             self.compress(mask, chunk_queries=q)
+        elif self.budget is None and self.quant and self.keys.shape[-2] >= self.evict_every:
+            self.compress(mask)  # quantize the tail, keep everything
         return out
 
     def _attend(self, q: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
@@ -246,8 +254,9 @@ class CompressedLayer(CacheLayerMixin):
             if track:
                 self.tacc += sums[0]
         elif (lp := self._uniform()) is not None:
-            kp = self.pk.view(b, h, lp, -1)
-            vp = self.pv.view(b, h, lp, -1)
+            pk, pv = self._packed_kv()
+            kp = pk.view(b, h, lp, -1)
+            vp = pv.view(b, h, lp, -1)
             allow_p = None
             if allowed is not None:
                 pos = self.ppos.long().view(b, 1, h * lp).expand(b, tq, h * lp)
@@ -259,6 +268,7 @@ class CompressedLayer(CacheLayerMixin):
                 self.tacc += sums[1]
         else:
             out = q.new_empty(b, h, hq // h, tq, self.values.shape[-1])
+            pk, pv = self._packed_kv()
             starts = torch.cumsum(self.plen.flatten(), 0) - self.plen.flatten()
             for bi in range(b):
                 for hi in range(h):
@@ -269,7 +279,7 @@ class CompressedLayer(CacheLayerMixin):
                         allow_p = allowed[bi, 0][:, self.ppos[s0:s1].long()]
                     at = allow_t[bi if allow_t.shape[0] > 1 else 0, 0]
                     parts = [
-                        (self.pk[s0:s1], self.pv[s0:s1], allow_p),
+                        (pk[s0:s1], pv[s0:s1], allow_p),
                         (self.keys[bi, hi], self.values[bi, hi], at),
                     ]
                     out[bi, hi], sums = multi_part_attention(qg[bi, hi], parts, scaling, track)
@@ -290,15 +300,25 @@ class CompressedLayer(CacheLayerMixin):
             return False
         return tq > 1 or self.seen - self.seen_at_compression >= self.evict_every
 
+    def _packed_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed keys and values ``[N, D]`` in the model's dtype (dequantized when quantized)."""
+        if not self.quant:
+            return self.pk, self.pv
+        dtype, bits = self.keys.dtype, BITS[self.quant]
+        k = dequantize_rows(self.pk, self.kscale[self.kgroup], self.kzero[self.kgroup], bits, dtype)
+        v = dequantize_rows(self.pv, self.vscale[:, None], self.vzero[:, None], bits, dtype)
+        return k, v
+
     def _candidates(self):
-        """Everything held as a padded ``[B, H, L, *]`` view: packed segments first, then the tail."""
+        """Everything held as a padded ``[B, H, L, *]`` view (packed segments first, then the tail) and the
+        function that pads any per-token packed tensor the same way."""
         b, h, tail = self.keys.shape[:3]
         dev = self.keys.device
         tpos = torch.arange(self.seen - tail, self.seen, device=dev).expand(b, h, tail)
         tacc = self.tacc
         if self.pk is None:
             exists = torch.ones(b, h, tail, dtype=torch.bool, device=dev)
-            return self.keys, self.values, tpos, exists, tacc
+            return self.keys, self.values, tpos, exists, tacc, None
         lmax = int(self.plen.max())
         seg = torch.repeat_interleave(torch.arange(b * h, device=dev), self.plen.flatten().to(dev))
         starts = torch.cumsum(self.plen.flatten(), 0).to(dev) - self.plen.flatten().to(dev)
@@ -309,12 +329,13 @@ class CompressedLayer(CacheLayerMixin):
             out[dest] = flat
             return out.view(b, h, lmax, *flat.shape[1:])
 
-        keys = torch.cat([pad(self.pk, 0), self.keys], dim=2)
-        values = torch.cat([pad(self.pv, 0), self.values], dim=2)
+        pk, pv = self._packed_kv()
+        keys = torch.cat([pad(pk, 0), self.keys], dim=2)
+        values = torch.cat([pad(pv, 0), self.values], dim=2)
         pos = torch.cat([pad(self.ppos.long(), -1), tpos], dim=2)
         exists = pos >= 0
         acc = None if tacc is None else torch.cat([pad(self.pacc, 0.0), tacc], dim=2)
-        return keys, values, pos, exists, acc
+        return keys, values, pos, exists, acc, pad
 
     def compress(
         self,
@@ -322,10 +343,31 @@ class CompressedLayer(CacheLayerMixin):
         chunk_queries: torch.Tensor | None = None,
         scaling: float | None = None,
     ) -> None:
-        """Score everything held with the policy and keep the top tokens of each head."""
-        if self.policy is None or self.budget is None:
-            raise ValueError("CompressedLayer.compress needs a policy and a budget")
-        keys, values, pos, exists, acc = self._candidates()
+        """Score everything held with the policy and keep the top tokens of each head (without a
+        budget, keep everything: this moves the tail into the quantized store)."""
+        if self.budget is None and not self.quant:
+            raise ValueError("CompressedLayer.compress needs a policy and a budget (or quant)")
+        keys, values, pos, exists, acc, pad = self._candidates()
+        if self.budget is None:
+            keep = exists
+        else:
+            keep = self._select(keys, values, pos, exists, acc, mask, chunk_queries, scaling)
+        if self.quant:
+            self._store_quantized(keep, pad)
+        else:
+            self.pk = keys[keep]
+            self.pv = values[keep]
+        self.ppos = pos[keep].to(torch.int32)
+        self.plen = keep.sum(-1).cpu()
+        self.pacc = acc[keep] if acc is not None else None
+        self.keys = self.keys[:, :, :0]
+        self.values = self.values[:, :, :0]
+        self.tacc = self.tacc[:, :, :0] if self.tacc is not None else None
+        self.compressions += 1
+        self.seen_at_compression = self.seen
+
+    def _select(self, keys, values, pos, exists, acc, mask, chunk_queries, scaling) -> torch.Tensor:
+        """The policy's choice: ``keep [B, H, L]`` over the candidate view."""
         b, h, n = pos.shape
         allowed = allowed_from_mask(mask)
         if allowed is not None:
@@ -369,17 +411,43 @@ class CompressedLayer(CacheLayerMixin):
         order = by_pos.gather(-1, scores.gather(-1, by_pos).argsort(dim=-1, descending=True, stable=True))
         arange = torch.arange(n, device=pos.device).expand(b, h, n)
         ranks = torch.empty_like(order).scatter_(-1, order, arange)
-        keep = ranks < keep_n.to(ranks.device).unsqueeze(-1)
-        self.pk = keys[keep]
-        self.pv = values[keep]
-        self.ppos = pos[keep].to(torch.int32)
-        self.plen = keep.sum(-1).cpu()
-        self.pacc = acc[keep] if acc is not None else None
-        self.keys = self.keys[:, :, :0]
-        self.values = self.values[:, :, :0]
-        self.tacc = self.tacc[:, :, :0] if self.tacc is not None else None
-        self.compressions += 1
-        self.seen_at_compression = self.seen
+        return ranks < keep_n.to(ranks.device).unsqueeze(-1)
+
+    def _store_quantized(self, keep: torch.Tensor, pad) -> None:
+        """Kept packed tokens keep their codes; kept tail tokens are quantized, one key group per head."""
+        bits = BITS[self.quant]
+        b, h, tail, d = self.keys.shape
+        old_groups = 0 if self.kscale is None else self.kscale.shape[0]
+        parts_k, parts_g, parts_v, parts_vs, parts_vz = [], [], [], [], []
+        scales, zeros = [], []
+        if self.pk is not None:
+            parts_k.append(pad(self.pk, 0))
+            parts_g.append(pad(self.kgroup, 0))
+            parts_v.append(pad(self.pv, 0))
+            parts_vs.append(pad(self.vscale, 0))
+            parts_vz.append(pad(self.vzero, 0))
+            scales.append(self.kscale)
+            zeros.append(self.kzero)
+        if tail:
+            kc, ks, kz = quantize(self.keys, dim=2, bits=bits)  # per channel over the head's tail tokens
+            vc, vs, vz = quantize(self.values, dim=3, bits=bits)  # per token
+            group = torch.arange(old_groups, old_groups + b * h, device=kc.device, dtype=torch.int32)
+            parts_k.append(kc)
+            parts_g.append(group.view(b, h, 1).expand(b, h, tail))
+            parts_v.append(vc)
+            parts_vs.append(vs)
+            parts_vz.append(vz)
+            scales.append(ks.reshape(b * h, d))
+            zeros.append(kz.reshape(b * h, d))
+        self.pk = torch.cat(parts_k, dim=2)[keep]
+        self.pv = torch.cat(parts_v, dim=2)[keep]
+        self.vscale = torch.cat(parts_vs, dim=2)[keep]
+        self.vzero = torch.cat(parts_vz, dim=2)[keep]
+        groups = torch.cat(parts_g, dim=2)[keep]
+        used, self.kgroup = torch.unique(groups, return_inverse=True)  # drop groups nobody uses any more
+        self.kgroup = self.kgroup.to(torch.int32)
+        self.kscale = torch.cat(scales)[used]
+        self.kzero = torch.cat(zeros)[used]
 
 
 class CompressedCache(Cache):
@@ -397,6 +465,9 @@ class CompressedCache(Cache):
             cache stays within ``budget + evict_every`` tokens per head.
         query_window, track_attention: keep this many recent query rows / accumulate attention even when
             the policy does not need them (for :meth:`compress_now` after an uncompressed prefill).
+        quant: ``"int8"`` or ``"int4"`` stores the packed keys (per channel) and values (per token) as
+            integers; composes with any policy, or alone (then every ``evict_every`` new tokens move from
+            the full-precision tail into the quantized store).
     """
 
     def __init__(
@@ -411,6 +482,7 @@ class CompressedCache(Cache):
         num_layers: int | None = None,
         query_window: int | None = None,
         track_attention: bool | None = None,
+        quant: str | None = None,
         **policy_kwargs,
     ) -> None:
         if model is not None:
@@ -434,6 +506,7 @@ class CompressedCache(Cache):
                 evict_every=evict_every,
                 query_window=query_window,
                 track_attention=track_attention,
+                quant=quant,
             )
             for i in range(num_layers)
         ]
@@ -452,17 +525,33 @@ class CompressedCache(Cache):
         return torch.stack([layer.held_tokens() for layer in self.layers])
 
     def compress_now(
-        self, policy: Policy | str, *, budget=None, ratio=None, tokens=None, **policy_kwargs
+        self,
+        policy: Policy | str | None,
+        *,
+        budget=None,
+        ratio=None,
+        tokens=None,
+        quant: str | None = None,
+        **policy_kwargs,
     ) -> None:
-        """Compress every layer now with ``policy`` (using the queries kept by ``query_window``).
+        """Compress every layer now with ``policy`` (using the queries kept by ``query_window``) and, with
+        ``quant``, quantize what is kept (``policy=None`` with ``quant``: quantize everything).
 
         Token budgets above the tokens held are an error here: there is nothing to compress to.
         """
+        check_quant(quant)
+        if policy is None:
+            if quant is None:
+                raise ValueError("compress_now: give a policy, a quant, or both")
+            for layer in self.layers:
+                self._set_quant(layer, quant)
+                layer.policy = layer.budget = None
+                layer.compress()
+            return
         policy = make_policy(policy, **policy_kwargs)
         budgets = resolve_budgets(len(self.layers), budget=budget, ratio=ratio, tokens=tokens)
         for layer, bd in zip(self.layers, budgets, strict=True):
-            if not layer.is_initialized:
-                raise ValueError("compress_now: the cache is empty; run the prompt through the model first")
+            self._set_quant(layer, quant)
             if bd is not None and bd.tokens is not None and bd.tokens > layer.seen:
                 raise ValueError(
                     f"compress_now: tokens={bd.tokens} is above the {layer.seen} tokens in the cache (layer "
@@ -478,3 +567,16 @@ class CompressedCache(Cache):
             layer.policy, layer.budget = policy, bd
             if bd is not None and int(layer.held_tokens().max()) > layer._targets():
                 layer.compress(scaling=layer.scaling)
+            elif layer.quant:
+                layer.policy, layer.budget = None, None
+                layer.compress()
+                layer.policy, layer.budget = policy, bd
+
+    @staticmethod
+    def _set_quant(layer: CompressedLayer, quant: str | None) -> None:
+        if not layer.is_initialized:
+            raise ValueError("compress_now: the cache is empty; run the prompt through the model first")
+        if quant is not None and quant != layer.quant:
+            if layer.pk is not None:
+                raise ValueError(f"compress_now: layer {layer.layer_idx} is already stored as {layer.quant}")
+            layer.quant = quant
