@@ -62,6 +62,9 @@ class KVBenchConfig:
     decode_policy: str = "snapkv"
     decode_every: int = 128
     calibration_samples: int = 4
+    quants: tuple[str, ...] = ("int8", "int4")
+    quant_policy: str = "snapkv"
+    quant_ratios: tuple[float, ...] = (0.5,)
     threads: int | None = None
     seed: int = 0
     out: str = "results/kv"
@@ -75,7 +78,9 @@ class KVBenchConfig:
         for name in ("ppl_segments", "decode_tokens", "calibration_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        unknown = [p for p in (*self.policies, self.decode_policy) if p not in POLICIES]
+        unknown = [p for p in (*self.policies, self.decode_policy, self.quant_policy) if p not in POLICIES]
+        if any(q not in ("int8", "int4") for q in self.quants):
+            raise ValueError(f"quants must be int8 / int4, got {self.quants}")
         if unknown:
             raise ValueError(f"unknown policies {unknown}; known: {sorted(POLICIES)}")
         if any(not 0 < r < 1 for r in self.ratios):
@@ -141,17 +146,27 @@ def _capture(model, ids: torch.Tensor, cfg: KVBenchConfig, track: bool):
 
 
 def _cases(cfg: KVBenchConfig):
+    """``(label, ratio)``: the full cache, every policy at every ratio, then each quantization alone
+    (label ``int8``) and composed with ``quant_policy`` (label ``snapkv+int8``)."""
     yield "full", 0.0
     for policy in cfg.policies:
         for ratio in cfg.ratios:
             yield policy, ratio
+    for quant in cfg.quants:
+        yield quant, 0.0
+        for ratio in cfg.quant_ratios:
+            yield f"{cfg.quant_policy}+{quant}", ratio
 
 
-def _compressed_copy(base, policy: str, ratio: float, roles):
+def _compressed_copy(base, label: str, ratio: float, roles):
+    policy, _, quant = label.partition("+")
+    if policy in ("int8", "int4"):
+        policy, quant = "", policy
     cache = copy.deepcopy(base)
     t0 = time.perf_counter()
-    if ratio > 0:
-        cache.compress_now(_policy(policy, roles), ratio=ratio)
+    if ratio > 0 or quant:
+        pol = _policy(policy, roles) if policy and policy != "full" else None
+        cache.compress_now(pol, ratio=ratio if pol is not None else None, quant=quant or None)
     return cache, time.perf_counter() - t0
 
 
@@ -334,7 +349,7 @@ def summarize(result: dict) -> dict:
         )
     worst: dict[str, float] = {}
     for t in table:
-        if t["policy"] != "full":
+        if t["policy"] != "full" and "int" not in t["policy"]:  # quantized cases hold fewer bytes per token
             err = abs(t["kept_fraction_measured"] / t["kept_fraction_nominal"] - 1)
             worst[t["policy"]] = max(worst.get(t["policy"], 0.0), err)
     return {"passkey_table": table, "worst_byte_fraction_error": worst}
@@ -348,7 +363,7 @@ def run_kv(cfg: KVBenchConfig, progress: bool = True) -> dict:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out, exist_ok=True)
     model, tokenizer = load_smollm2()
-    n_cases = 1 + len(cfg.policies) * len(cfg.ratios)
+    n_cases = sum(1 for _ in _cases(cfg))
     total = (
         2 * len(cfg.contexts) * len(cfg.depths) * cfg.samples * n_cases
         + cfg.ppl_segments * n_cases
@@ -438,6 +453,11 @@ def format_report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
 def plot_kv(result: dict, path: str) -> str | None:
     """Passkey accuracy vs measured kept fraction (per mode and context), perplexity, decode memory."""
     try:
@@ -464,7 +484,7 @@ def plot_kv(result: dict, path: str) -> str | None:
             ax.set_ylabel("accuracy")
             ax.set_ylim(-0.05, 1.05)
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    _legend(axes[0][0])
     ax = axes[2][0]
     for policy in dict.fromkeys(r["policy"] for r in result.get("perplexity", [])):
         rows = [r for r in result["perplexity"] if r["policy"] == policy]
@@ -472,7 +492,7 @@ def plot_kv(result: dict, path: str) -> str | None:
         ax.plot(*zip(*pts, strict=True), marker="o", label=policy)
     ax.set_title("held-out Shakespeare perplexity")
     ax.set_xlabel("kept fraction (measured)")
-    ax.legend(fontsize=7)
+    _legend(ax)
     ax.grid(alpha=0.3)
     ax = axes[2][1]
     for label in dict.fromkeys(r["cache"] for r in result.get("decode", [])):
@@ -483,7 +503,7 @@ def plot_kv(result: dict, path: str) -> str | None:
         ax.plot(steps, rss, linestyle="--", label=f"{label}: RSS growth MB")
     ax.set_title("decoding: memory vs tokens generated")
     ax.set_xlabel("decode step")
-    ax.legend(fontsize=7)
+    _legend(ax)
     ax.grid(alpha=0.3)
     for ax in axes[2][2:]:
         ax.axis("off")
