@@ -285,6 +285,12 @@ def test_compress_context_swaps_in_a_cache_and_restores_the_model():
     assert isinstance(press.last_cache, kv.CompressedCache)
     assert int(press.last_cache.held_tokens().max()) < 54
     assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="ratio"), kv.compress(model, "snapkv", ratio=2):
+        pass
+    assert model.config._attn_implementation == "sdpa"  # a refused setting leaves the model as it was
+    with kv.compress(model, None, quant="int8") as press:
+        model(x)
+    assert press.last_cache.layers[0].quant == "int8" and press.last_cache.layers[0].pk.dtype == torch.uint8
 
 
 # --- policies -------------------------------------------------------------------------------------

@@ -42,22 +42,33 @@ from subquad.kv.policies import (
 class Press:
     """What :func:`compress` yields: the settings and the cache of the latest forward that made one."""
 
-    policy: Policy
+    policy: Policy | None
     cache_kwargs: dict
     last_cache: CompressedCache | None = None
 
 
 @contextmanager
 def compress(
-    model, policy: Policy | str, *, budget=None, ratio=None, tokens=None, evict_every: int = 32, **kw
+    model,
+    policy: Policy | str | None,
+    *,
+    budget=None,
+    ratio=None,
+    tokens=None,
+    evict_every: int = 32,
+    quant: str | None = None,
+    **kw,
 ):
     """Within the block, every forward/generate call of ``model`` without a cache of its own uses a
     fresh :class:`CompressedCache` with these settings (a forward pre-hook swaps it in for an empty
     ``DynamicCache``); the model's attention implementation is restored on exit."""
-    policy = make_policy(policy, **kw)
-    num_layers = install(model)
-    resolve_budgets(num_layers, budget=budget, ratio=ratio, tokens=tokens)  # fail here, not mid-generate
-    press = Press(policy, {"budget": budget, "ratio": ratio, "tokens": tokens, "evict_every": evict_every})
+    policy = make_policy(policy, **kw) if policy is not None else None
+    num_layers = check_supported(model)
+    settings = dict(budget=budget, ratio=ratio, tokens=tokens, evict_every=evict_every, quant=quant)
+    # build one cache now so bad settings fail here, not in the middle of generate()
+    CompressedCache(num_layers=num_layers, policy=policy, **settings)
+    install(model)
+    press = Press(policy, settings)
 
     def swap_in(module, args, kwargs):
         if kwargs.get("use_cache") is False:
