@@ -511,3 +511,32 @@ def test_quantized_cache_is_smaller_close_and_never_requantizes(quant):
         common = [p for p in after if p in before]
         assert common and all(torch.equal(before[p], after[p]) for p in common)
         assert layer.compressions >= 2
+
+
+def test_razor_keeps_a_compensation_token_that_is_the_mean_of_what_was_evicted():
+    from subquad.kv.calibrate import calibrate_induction_heads
+
+    model = tiny_llama(layers=2)
+    roles = calibrate_induction_heads(model, samples=1, length=32)
+    assert len(roles.scores) == 2 and len(roles.source["echo"][0]) == 2
+    x = ids(1, 120)
+    with torch.no_grad():
+        full = kv.CompressedCache(model)
+        model(x, cache=full)
+        cache = kv.CompressedCache(model, kv.RazorAttention(roles, sinks=2, recent=10), budget=0.5)
+        model(x, cache=cache)
+        layer, ref = cache.layers[0], full.layers[0]
+        held = layer.held_tokens()[0]
+        for hi in range(2):
+            if held[hi] == 12:  # a streaming head: sinks + recent, the rest folded into one token
+                kept = set(range(2)) | set(range(110, 120))
+                gone = [p for p in range(120) if p not in kept]
+                torch.testing.assert_close(layer.comp_k[0, hi], ref.keys[0, hi, gone].mean(0))
+                torch.testing.assert_close(layer.comp_v[0, hi], ref.values[0, hi, gone].mean(0))
+                assert layer.comp_n[0, hi] == len(gone)
+            else:
+                assert held[hi] == 120 and layer.comp_n[0, hi] == 0
+        # the next token attends to kept tokens plus the compensation token
+        logits = model(ids(1, 1, seed=3), cache=cache).logits
+    assert torch.isfinite(logits).all()
+    assert int(cache.held_tokens().min()) == 13 or bool((layer.comp_n == 0).all())

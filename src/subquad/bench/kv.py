@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from subquad.bench.machine import load_average, machine_info
 
-ALL_POLICIES = ("streamingllm", "h2o", "snapkv", "pyramidkv", "tova", "duo")
+ALL_POLICIES = ("streamingllm", "h2o", "snapkv", "pyramidkv", "tova", "duo", "razor")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,10 +108,14 @@ def quick_config(**overrides) -> KVBenchConfig:
     return KVBenchConfig(**fields)
 
 
-def _policy(name: str, roles):
-    from subquad.kv.policies import DuoAttention, make_policy
+def _policy(name: str, roles: dict):
+    from subquad.kv.policies import DuoAttention, RazorAttention, make_policy
 
-    return DuoAttention(roles) if name == "duo" else make_policy(name)
+    if name == "duo":
+        return DuoAttention(roles["duo"])
+    if name == "razor":
+        return RazorAttention(roles["razor"])
+    return make_policy(name)
 
 
 def _rss() -> int:
@@ -356,7 +360,7 @@ def summarize(result: dict) -> dict:
 
 
 def run_kv(cfg: KVBenchConfig, progress: bool = True) -> dict:
-    from subquad.kv.calibrate import calibrate_head_roles
+    from subquad.kv.calibrate import calibrate_head_roles, calibrate_induction_heads
     from subquad.kv.pretrained import load_smollm2
 
     if cfg.threads:
@@ -376,12 +380,17 @@ def run_kv(cfg: KVBenchConfig, progress: bool = True) -> dict:
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "load_average_start": load_average(),
     }
-    roles = None
+    roles = {}
     if "duo" in cfg.policies:
         t0 = time.perf_counter()
-        roles = calibrate_head_roles(model, tokenizer, samples=max(1, cfg.calibration_samples))
-        roles.save(os.path.join(cfg.out, "duo_head_roles.json"))
+        roles["duo"] = calibrate_head_roles(model, tokenizer, samples=max(1, cfg.calibration_samples))
+        roles["duo"].save(os.path.join(cfg.out, "duo_head_roles.json"))
         result["calibration_s"] = time.perf_counter() - t0
+    if "razor" in cfg.policies:
+        t0 = time.perf_counter()
+        roles["razor"] = calibrate_induction_heads(model, samples=max(1, cfg.calibration_samples // 2))
+        roles["razor"].save(os.path.join(cfg.out, "razor_head_roles.json"))
+        result["razor_calibration_s"] = time.perf_counter() - t0
     with tqdm(total=total, desc="bench kv", disable=not progress) as bar:
         result["passkey"] = run_passkey(model, tokenizer, cfg, roles, bar)
         _save(result, cfg)

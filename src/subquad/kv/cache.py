@@ -137,6 +137,7 @@ class CompressedLayer(CacheLayerMixin):
         self.pacc = self.tacc = None
         self.qwin = None
         self.kgroup = self.kscale = self.kzero = self.vscale = self.vzero = None
+        self.comp_k = self.comp_v = self.comp_n = None
 
     # --- the CacheLayerMixin interface ---------------------------------------------------------
 
@@ -180,6 +181,7 @@ class CompressedLayer(CacheLayerMixin):
         self.pk = self.pv = self.ppos = self.plen = None
         self.pacc = self.tacc = self.qwin = None
         self.kgroup = self.kscale = self.kzero = self.vscale = self.vzero = None
+        self.comp_k = self.comp_v = self.comp_n = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("CompressedCache does not support beam search")
@@ -206,6 +208,7 @@ class CompressedLayer(CacheLayerMixin):
         """Bytes of the tensors that hold keys and values (with their positions and lengths)."""
         ts = [self.keys, self.values, self.pk, self.pv, self.ppos, self.plen]
         ts += [self.kgroup, self.kscale, self.kzero, self.vscale, self.vzero]
+        ts += [self.comp_k, self.comp_v, self.comp_n]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def state_bytes(self) -> int:
@@ -261,7 +264,7 @@ class CompressedLayer(CacheLayerMixin):
             if allowed is not None:
                 pos = self.ppos.long().view(b, 1, h * lp).expand(b, tq, h * lp)
                 allow_p = allowed[:, 0].gather(-1, pos).view(b, tq, h, lp).transpose(1, 2)
-            parts = [(kp, vp, allow_p), (self.keys, self.values, allow_t)]
+            parts = [(kp, vp, allow_p), (self.keys, self.values, allow_t), *self._compensation_part(tq)]
             out, sums = multi_part_attention(qg, parts, scaling, track)
             if track:
                 self.pacc += sums[0].reshape(-1)
@@ -281,6 +284,7 @@ class CompressedLayer(CacheLayerMixin):
                     parts = [
                         (pk[s0:s1], pv[s0:s1], allow_p),
                         (self.keys[bi, hi], self.values[bi, hi], at),
+                        *self._compensation_part(tq, bi, hi),
                     ]
                     out[bi, hi], sums = multi_part_attention(qg[bi, hi], parts, scaling, track)
                     if track:
@@ -299,6 +303,17 @@ class CompressedLayer(CacheLayerMixin):
         if int(self.held_tokens().max()) <= self._targets():
             return False
         return tq > 1 or self.seen - self.seen_at_compression >= self.evict_every
+
+    def _compensation_part(self, tq: int, bi: int | None = None, hi: int | None = None) -> list:
+        """The compensation token of each head (mean key and value of what it evicted) as one more
+        attention part; empty until a compensating policy has evicted something."""
+        if self.comp_n is None:
+            return []
+        k, v = self.comp_k.unsqueeze(-2), self.comp_v.unsqueeze(-2)
+        has = (self.comp_n > 0)[..., None, None].expand(*self.comp_n.shape, tq, 1)
+        if bi is not None:
+            return [(k[bi, hi], v[bi, hi], has[bi, hi])]
+        return [(k, v, has)]
 
     def _packed_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The packed keys and values ``[N, D]`` in the model's dtype (dequantized when quantized)."""
@@ -351,7 +366,9 @@ class CompressedLayer(CacheLayerMixin):
         if self.budget is None:
             keep = exists
         else:
-            keep = self._select(keys, values, pos, exists, acc, mask, chunk_queries, scaling)
+            keep, real = self._select(keys, values, pos, exists, acc, mask, chunk_queries, scaling)
+            if getattr(self.policy, "compensate", False):
+                self._compensate(keys, values, real & ~keep)
         if self.quant:
             self._store_quantized(keep, pad)
         else:
@@ -366,8 +383,23 @@ class CompressedLayer(CacheLayerMixin):
         self.compressions += 1
         self.seen_at_compression = self.seen
 
-    def _select(self, keys, values, pos, exists, acc, mask, chunk_queries, scaling) -> torch.Tensor:
-        """The policy's choice: ``keep [B, H, L]`` over the candidate view."""
+    def _compensate(self, keys: torch.Tensor, values: torch.Tensor, evicted: torch.Tensor) -> None:
+        """Fold the evicted real tokens into each head's compensation token (a running mean)."""
+        n = evicted.sum(-1).to(torch.float32)  # [B, H]
+        w = evicted.unsqueeze(-1).to(keys.dtype)
+        k_sum, v_sum = (keys * w).sum(2).float(), (values * w).sum(2).float()
+        if self.comp_n is None:
+            self.comp_n = torch.zeros_like(n)
+            self.comp_k = torch.zeros_like(k_sum)
+            self.comp_v = torch.zeros_like(v_sum)
+        total = self.comp_n + n
+        denom = total.clamp_min(1).unsqueeze(-1)
+        comp_k = (self.comp_k.float() * self.comp_n.unsqueeze(-1) + k_sum) / denom
+        comp_v = (self.comp_v.float() * self.comp_n.unsqueeze(-1) + v_sum) / denom
+        self.comp_k, self.comp_v, self.comp_n = comp_k.to(keys.dtype), comp_v.to(values.dtype), total
+
+    def _select(self, keys, values, pos, exists, acc, mask, chunk_queries, scaling):
+        """The policy's choice ``keep [B, H, L]`` over the candidate view, and which candidates are real."""
         b, h, n = pos.shape
         allowed = allowed_from_mask(mask)
         if allowed is not None:
@@ -411,7 +443,7 @@ class CompressedLayer(CacheLayerMixin):
         order = by_pos.gather(-1, scores.gather(-1, by_pos).argsort(dim=-1, descending=True, stable=True))
         arange = torch.arange(n, device=pos.device).expand(b, h, n)
         ranks = torch.empty_like(order).scatter_(-1, order, arange)
-        return ranks < keep_n.to(ranks.device).unsqueeze(-1)
+        return ranks < keep_n.to(ranks.device).unsqueeze(-1), real
 
     def _store_quantized(self, keep: torch.Tensor, pad) -> None:
         """Kept packed tokens keep their codes; kept tail tokens are quantized, one key group per head."""

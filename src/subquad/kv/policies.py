@@ -78,6 +78,8 @@ class Policy:
     window = 0
     #: whether the cache should accumulate the attention each held token receives
     tracks_attention = False
+    #: whether each head folds what it evicts into a compensation token (mean key and value)
+    compensate = False
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         raise NotImplementedError
@@ -271,8 +273,21 @@ class DuoAttention(Policy):
         return s.masked_fill(ctx.rank < self.sinks, INF)
 
 
+class RazorAttention(DuoAttention):
+    """Retrieval heads keep everything; the others keep sinks + recent tokens plus one compensation
+    token, the running mean of the keys and values they evicted (Tang et al. 2024,
+    https://arxiv.org/abs/2407.15891). Heads come from
+    :func:`subquad.kv.calibrate.calibrate_induction_heads` (echo + induction attention on a repeated
+    random sequence). Retrieval heads are chosen over the whole model to meet the budget, as in
+    :class:`DuoAttention`.
+    """
+
+    name = "razor"
+    compensate = True
+
+
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, DuoAttention)
+    cls.name: cls for cls in (StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, DuoAttention, RazorAttention)
 }
 
 
