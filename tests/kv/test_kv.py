@@ -307,7 +307,7 @@ def context(seen=40, b=1, h=2, hq=4, d=8, target=10, layer_idx=0, num_layers=4, 
         rank=pos,
         queries=torch.randn(b, hq, 16, d),
         query_positions=torch.arange(seen - 16, seen),
-        attention_sums=acc,
+        stats={} if acc is None else acc,
         scaling=d**-0.5,
         layer_idx=layer_idx,
         num_layers=num_layers,
@@ -326,9 +326,16 @@ def test_policy_rules():
     assert {*range(24, 40)} <= top(kv.SnapKV(window=16).score(ctx), 16)
     acc = torch.zeros(1, 2, 40)
     acc[..., 7] = 5.0
-    h2o = kv.H2O(recent_fraction=0.5).score(context(acc=acc))
+    h2o = kv.H2O(recent_fraction=0.5).score(context(acc={"attention": acc}))
     assert top(h2o, 6) == {7, 35, 36, 37, 38, 39}
     assert 39 in top(kv.TOVA().score(ctx), 1)
+    # token 5 was hit at step 30 after a 12-step gap: expected back until step 42; token 9 last at 20, gap 3
+    last, longest = torch.arange(40.0).expand(1, 2, 40).clone(), torch.zeros(1, 2, 40)
+    last[..., 5], longest[..., 5] = 30.0, 12.0
+    last[..., 9], longest[..., 9] = 20.0, 3.0
+    lazy = kv.LazyEviction(window=4).score(context(acc={"last_hit": last, "max_interval": longest}))
+    assert top(lazy, 5) == {5, 36, 37, 38, 39}
+    assert lazy[0, 0, 9] < lazy[0, 0, 30]  # overdue by 16 steps scores below a 9-step-old never-hit token
     pyramid = kv.PyramidKV(beta=4)
     budgets = [pyramid.layer_target(100, i, 4) for i in range(4)]
     assert budgets == sorted(budgets, reverse=True) and abs(sum(budgets) - 400) <= 2 and budgets[-1] == 25
@@ -540,3 +547,28 @@ def test_razor_keeps_a_compensation_token_that_is_the_mean_of_what_was_evicted()
         logits = model(ids(1, 1, seed=3), cache=cache).logits
     assert torch.isfinite(logits).all()
     assert int(cache.held_tokens().min()) == 13 or bool((layer.comp_n == 0).all())
+
+
+def test_token_statistics_follow_their_definitions():
+    from subquad.kv.policies import init_stats, observe_stats
+
+    stats = init_stats(("attention", "last_hit", "max_interval"), torch.arange(4).expand(1, 1, 4))
+    for step, attn in ((4, [0.5, 0.1, 0.3, 0.1]), (9, [0.1, 0.1, 0.7, 0.1]), (10, [0.6, 0.0, 0.1, 0.3])):
+        observe_stats(stats, torch.tensor([[attn]]), step, threshold=0.25)
+    assert stats["attention"][0, 0].tolist() == pytest.approx([1.2, 0.2, 1.1, 0.5])
+    assert stats["last_hit"][0, 0].tolist() == [10.0, 1.0, 9.0, 10.0]
+    assert stats["max_interval"][0, 0].tolist() == [6.0, 0.0, 5.0, 7.0]
+
+
+def test_lazy_eviction_decodes_within_its_budget_and_keeps_statistics_of_kept_tokens_only():
+    model = tiny_llama(layers=2)
+    cache = kv.CompressedCache(model, "lazy", tokens=20, evict_every=4)
+    with torch.no_grad():
+        logits = model(ids(1, 30), cache=cache).logits[:, -1]
+        for _ in range(60):
+            logits = model(logits.argmax(-1, keepdim=True), cache=cache).logits[:, -1]
+            assert int(cache.held_tokens().max()) <= 24
+    layer = cache.layers[0]
+    assert set(layer.pstats) == {"last_hit", "max_interval"} and "attention" not in layer.pstats
+    assert layer.pstats["last_hit"].shape == layer.ppos.shape
+    assert bool((layer.pstats["last_hit"] >= layer.ppos).all())  # a token is never hit before it exists

@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from subquad.kv.budget import Budget, resolve_budgets
-from subquad.kv.policies import Policy, ScoreContext, make_policy
+from subquad.kv.policies import TOKEN_STATS, Policy, ScoreContext, init_stats, make_policy, observe_stats
 from subquad.kv.quant import BITS, check_quant, dequantize_rows, quantize
 
 # The layer whose `update` ran last hands itself to the attention function that HF calls next.
@@ -126,15 +126,20 @@ class CompressedLayer(CacheLayerMixin):
         self.evict_every = evict_every
         active = self.budget is not None
         self.query_window = query_window if query_window is not None else (policy.window if active else 0)
-        self.track_attention = (
-            track_attention if track_attention is not None else bool(active and policy.tracks_attention)
-        )
+        # per-token statistics kept beside the cache (attention received, hits); all of them when asked
+        # to track (a capture for compress_now later), else what the policy scores with
+        if track_attention is not None:
+            self.stat_names = TOKEN_STATS if track_attention else ()
+        else:
+            self.stat_names = policy.token_stats if active else ()
+        self.track_attention = bool(self.stat_names)
         self.seen = 0
         self.seen_at_compression = 0
         self.compressions = 0
         self.scaling: float | None = None
         self.pk = self.pv = self.ppos = self.plen = None
-        self.pacc = self.tacc = None
+        self.pstats: dict[str, torch.Tensor] = {}
+        self.tstats: dict[str, torch.Tensor] = {}
         self.qwin = None
         self.kgroup = self.kscale = self.kzero = self.vscale = self.vzero = None
         self.comp_k = self.comp_v = self.comp_n = None
@@ -158,9 +163,12 @@ class CompressedLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
-        if self.track_attention:
-            fresh = key_states.new_zeros(key_states.shape[:-1], dtype=torch.float32)
-            self.tacc = fresh if self.tacc is None else torch.cat([self.tacc, fresh], dim=-1)
+        if self.stat_names:
+            t = key_states.shape[-2]
+            positions = torch.arange(self.seen - t, self.seen, device=key_states.device)
+            fresh = init_stats(self.stat_names, positions.expand(*key_states.shape[:2], t))
+            old = self.tstats
+            self.tstats = {n: torch.cat([old[n], v], -1) if old else v for n, v in fresh.items()}
         _HANDOFF.layer = self
         return self.keys, self.values
 
@@ -179,7 +187,7 @@ class CompressedLayer(CacheLayerMixin):
         self.is_initialized = False
         self.seen = 0
         self.pk = self.pv = self.ppos = self.plen = None
-        self.pacc = self.tacc = self.qwin = None
+        self.pstats, self.tstats, self.qwin = {}, {}, None
         self.kgroup = self.kscale = self.kzero = self.vscale = self.vzero = None
         self.comp_k = self.comp_v = self.comp_n = None
 
@@ -213,7 +221,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def state_bytes(self) -> int:
         """Bytes the policy keeps beside the cache (recent queries, accumulated attention)."""
-        ts = [self.qwin, self.pacc, self.tacc]
+        ts = [self.qwin, *self.pstats.values(), *self.tstats.values()]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     # --- attention -----------------------------------------------------------------------------
@@ -252,10 +260,11 @@ class CompressedLayer(CacheLayerMixin):
             tpos = torch.arange(seen - tail, seen, device=q.device)
             allow_t = (tpos[None, :] <= qpos[:, None])[None, None]
         track = self.track_attention
+        share = (hq // h) * tq  # attention mass of this forward per KV head, spread over its keys
         if self.pk is None:
             out, sums = multi_part_attention(qg, [(self.keys, self.values, allow_t)], scaling, track)
             if track:
-                self.tacc += sums[0]
+                observe_stats(self.tstats, sums[0], seen - 1, share / tail)
         elif (lp := self._uniform()) is not None:
             pk, pv = self._packed_kv()
             kp = pk.view(b, h, lp, -1)
@@ -267,8 +276,10 @@ class CompressedLayer(CacheLayerMixin):
             parts = [(kp, vp, allow_p), (self.keys, self.values, allow_t), *self._compensation_part(tq)]
             out, sums = multi_part_attention(qg, parts, scaling, track)
             if track:
-                self.pacc += sums[0].reshape(-1)
-                self.tacc += sums[1]
+                n = lp + tail
+                packed = {k: v.view(b, h, lp) for k, v in self.pstats.items()}
+                observe_stats(packed, sums[0], seen - 1, share / n)
+                observe_stats(self.tstats, sums[1], seen - 1, share / n)
         else:
             out = q.new_empty(b, h, hq // h, tq, self.values.shape[-1])
             pk, pv = self._packed_kv()
@@ -288,8 +299,11 @@ class CompressedLayer(CacheLayerMixin):
                     ]
                     out[bi, hi], sums = multi_part_attention(qg[bi, hi], parts, scaling, track)
                     if track:
-                        self.pacc[s0:s1] += sums[0]
-                        self.tacc[bi, hi] += sums[1]
+                        n = s1 - s0 + tail
+                        packed = {k: v[s0:s1] for k, v in self.pstats.items()}
+                        recent = {k: v[bi, hi] for k, v in self.tstats.items()}
+                        observe_stats(packed, sums[0], seen - 1, share / n)
+                        observe_stats(recent, sums[1], seen - 1, share / n)
         return out.reshape(b, hq, tq, -1).transpose(1, 2)
 
     # --- compression ---------------------------------------------------------------------------
@@ -330,10 +344,9 @@ class CompressedLayer(CacheLayerMixin):
         b, h, tail = self.keys.shape[:3]
         dev = self.keys.device
         tpos = torch.arange(self.seen - tail, self.seen, device=dev).expand(b, h, tail)
-        tacc = self.tacc
         if self.pk is None:
             exists = torch.ones(b, h, tail, dtype=torch.bool, device=dev)
-            return self.keys, self.values, tpos, exists, tacc, None
+            return self.keys, self.values, tpos, exists, dict(self.tstats), None
         lmax = int(self.plen.max())
         seg = torch.repeat_interleave(torch.arange(b * h, device=dev), self.plen.flatten().to(dev))
         starts = torch.cumsum(self.plen.flatten(), 0).to(dev) - self.plen.flatten().to(dev)
@@ -349,8 +362,8 @@ class CompressedLayer(CacheLayerMixin):
         values = torch.cat([pad(pv, 0), self.values], dim=2)
         pos = torch.cat([pad(self.ppos.long(), -1), tpos], dim=2)
         exists = pos >= 0
-        acc = None if tacc is None else torch.cat([pad(self.pacc, 0.0), tacc], dim=2)
-        return keys, values, pos, exists, acc, pad
+        stats = {n: torch.cat([pad(self.pstats[n], 0.0), t], dim=2) for n, t in self.tstats.items()}
+        return keys, values, pos, exists, stats, pad
 
     def compress(
         self,
@@ -362,11 +375,11 @@ class CompressedLayer(CacheLayerMixin):
         budget, keep everything: this moves the tail into the quantized store)."""
         if self.budget is None and not self.quant:
             raise ValueError("CompressedLayer.compress needs a policy and a budget (or quant)")
-        keys, values, pos, exists, acc, pad = self._candidates()
+        keys, values, pos, exists, stats, pad = self._candidates()
         if self.budget is None:
             keep = exists
         else:
-            keep, real = self._select(keys, values, pos, exists, acc, mask, chunk_queries, scaling)
+            keep, real = self._select(keys, values, pos, exists, stats, mask, chunk_queries, scaling)
             if getattr(self.policy, "compensate", False):
                 self._compensate(keys, values, real & ~keep)
         if self.quant:
@@ -376,10 +389,10 @@ class CompressedLayer(CacheLayerMixin):
             self.pv = values[keep]
         self.ppos = pos[keep].to(torch.int32)
         self.plen = keep.sum(-1).cpu()
-        self.pacc = acc[keep] if acc is not None else None
+        self.pstats = {n: v[keep] for n, v in stats.items()}
         self.keys = self.keys[:, :, :0]
         self.values = self.values[:, :, :0]
-        self.tacc = self.tacc[:, :, :0] if self.tacc is not None else None
+        self.tstats = {n: v[:, :, :0] for n, v in self.tstats.items()}
         self.compressions += 1
         self.seen_at_compression = self.seen
 
@@ -398,7 +411,7 @@ class CompressedLayer(CacheLayerMixin):
         comp_v = (self.comp_v.float() * self.comp_n.unsqueeze(-1) + v_sum) / denom
         self.comp_k, self.comp_v, self.comp_n = comp_k.to(keys.dtype), comp_v.to(values.dtype), total
 
-    def _select(self, keys, values, pos, exists, acc, mask, chunk_queries, scaling):
+    def _select(self, keys, values, pos, exists, stats, mask, chunk_queries, scaling):
         """The policy's choice ``keep [B, H, L]`` over the candidate view, and which candidates are real."""
         b, h, n = pos.shape
         allowed = allowed_from_mask(mask)
@@ -421,7 +434,7 @@ class CompressedLayer(CacheLayerMixin):
             rank=rank,
             queries=queries,
             query_positions=torch.arange(self.seen - nq, self.seen, device=pos.device),
-            attention_sums=acc,
+            stats=stats,
             scaling=scaling if scaling is not None else self.scaling,
             layer_idx=self.layer_idx,
             num_layers=self.num_layers,
@@ -589,8 +602,8 @@ class CompressedCache(Cache):
                     f"compress_now: tokens={bd.tokens} is above the {layer.seen} tokens in the cache (layer "
                     f"{layer.layer_idx})"
                 )
-            if policy.tracks_attention and layer.tacc is None:
-                raise ValueError(f"{policy.name} needs attention sums: build with track_attention=True")
+            if not set(policy.token_stats) <= set(layer.stat_names):
+                raise ValueError(f"{policy.name} needs token statistics: build with track_attention=True")
             if policy.window and (layer.qwin is None or layer.qwin.shape[-2] < policy.window):
                 raise ValueError(
                     f"policy {policy.name} needs the last {policy.window} queries: build the cache with "

@@ -34,8 +34,8 @@ class ScoreContext:
         rank: ``[B, H, L]`` index of the token among the real tokens of its sequence (0 = first real token).
         queries: ``[B, Hq, W, D]`` the most recent query rows (the current chunk's last rows).
         query_positions: ``[W]`` their positions.
-        attention_sums: ``[B, H, L]`` attention received so far, summed over queries and the query heads of
-            each KV head (policies with ``tracks_attention``), else None.
+        stats: per-token statistics ``[B, H, L]`` the policy asked for in ``token_stats`` (see
+            :data:`TOKEN_STATS`), gathered over every forward since the token arrived.
         scaling: the attention scale.
         layer_idx, num_layers: where this layer sits.
         seen: tokens processed so far.
@@ -49,12 +49,17 @@ class ScoreContext:
     rank: torch.Tensor
     queries: torch.Tensor
     query_positions: torch.Tensor
-    attention_sums: torch.Tensor | None
+    stats: dict[str, torch.Tensor]
     scaling: float
     layer_idx: int
     num_layers: int
     seen: int
     target: int
+
+    @property
+    def attention_sums(self) -> torch.Tensor:
+        """Attention received so far, summed over queries and the query heads of each KV head."""
+        return self.stats["attention"]
 
     def window_attention(self, window: int) -> torch.Tensor:
         """Softmax attention ``[B, H, G, w, L]`` of the last ``w`` query rows over the held tokens."""
@@ -70,16 +75,50 @@ class ScoreContext:
         return torch.nan_to_num(p, nan=0.0)
 
 
+#: Per-token statistics a cache can keep for its policy, updated after every forward from the attention
+#: ``a`` each token received (summed over the forward's queries and the query heads of its KV head):
+#: ``attention`` sums ``a``; a token is *hit* when ``a`` is at least its uniform share, and
+#: ``last_hit`` is the step of its latest hit (initially its own position), ``max_interval`` the longest
+#: gap seen between two hits.
+TOKEN_STATS = ("attention", "last_hit", "max_interval")
+
+
+def init_stats(names, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Initial statistics of new tokens at ``positions [B, H, T]``."""
+    out = {}
+    for n in names:
+        out[n] = positions.float().clone() if n == "last_hit" else torch.zeros(positions.shape)
+    return out
+
+
+def observe_stats(stats: dict[str, torch.Tensor], attn: torch.Tensor, step: int, threshold: float) -> None:
+    """Update ``stats`` in place (they may be views) with the attention ``attn`` of one forward."""
+    if "attention" in stats:
+        stats["attention"] += attn
+    if "last_hit" in stats:
+        hit = attn >= threshold
+        last = stats["last_hit"]
+        if "max_interval" in stats:
+            longest = stats["max_interval"]
+            gap = torch.clamp_min(step - last, 0)
+            longest.copy_(torch.where(hit, torch.maximum(longest, gap), longest))
+        last.copy_(torch.where(hit, torch.full_like(last, float(step)), last))
+
+
 class Policy:
     """Base class. Subclasses set ``name`` and implement :meth:`score`."""
 
     name = "policy"
     #: query rows a policy needs for decode-time compression (0: none)
     window = 0
-    #: whether the cache should accumulate the attention each held token receives
-    tracks_attention = False
+    #: per-token statistics (names from :data:`TOKEN_STATS`) the cache keeps for this policy
+    token_stats: tuple[str, ...] = ()
     #: whether each head folds what it evicts into a compensation token (mean key and value)
     compensate = False
+
+    @property
+    def tracks_attention(self) -> bool:
+        return bool(self.token_stats)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         raise NotImplementedError
@@ -131,7 +170,7 @@ class H2O(Policy):
     """
 
     name = "h2o"
-    tracks_attention = True
+    token_stats = ("attention",)
 
     def __init__(self, recent_fraction: float = 0.5) -> None:
         if not 0.0 <= recent_fraction <= 1.0:
@@ -207,6 +246,30 @@ class TOVA(Policy):
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         s = ctx.window_attention(1)[:, :, :, -1].mean(dim=2)
         return s.masked_fill(_recent(ctx, 1), INF)
+
+
+class LazyEviction(Policy):
+    """Evict by observed recurrence interval (after LazyEviction, 2025: lagged eviction for long reasoning).
+
+    Tokens that attention keeps coming back to are kept while they are still expected back: a token
+    hit at step ``l`` whose longest gap between hits so far is ``m`` scores ``m - (t - l)`` at step
+    ``t`` (>= 0: within its usual interval); tokens never hit score by recency; the most recent
+    ``window`` tokens are always kept. Meant for long decoding with a token budget, where the
+    statistics accumulate; ``evict_every`` sets how lazily it evicts.
+    """
+
+    name = "lazy"
+    token_stats = ("last_hit", "max_interval")
+
+    def __init__(self, window: int = 16) -> None:
+        if window < 0:
+            raise ValueError(f"LazyEviction: window must be >= 0, got {window}")
+        self.window = 0  # needs no query rows
+        self.recent = window
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        s = ctx.stats["max_interval"] - (ctx.seen - 1 - ctx.stats["last_hit"])
+        return s.masked_fill(_recent(ctx, self.recent), INF)
 
 
 @dataclass
@@ -287,7 +350,8 @@ class RazorAttention(DuoAttention):
 
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, DuoAttention, RazorAttention)
+    cls.name: cls
+    for cls in (StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, LazyEviction, DuoAttention, RazorAttention)
 }
 
 
