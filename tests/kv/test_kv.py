@@ -572,3 +572,46 @@ def test_lazy_eviction_decodes_within_its_budget_and_keeps_statistics_of_kept_to
     assert set(layer.pstats) == {"last_hit", "max_interval"} and "attention" not in layer.pstats
     assert layer.pstats["last_hit"].shape == layer.ppos.shape
     assert bool((layer.pstats["last_hit"] >= layer.ppos).all())  # a token is never hit before it exists
+
+
+def test_think_stores_narrow_keys_and_attends_exactly_over_the_kept_channels():
+    model = tiny_llama(layers=2, head_dim=16)
+    x = ids(1, 64)
+    with torch.no_grad():
+        full = kv.CompressedCache(model)
+        model(x, cache=full)
+        cache = kv.CompressedCache(model, kv.ThinK(channels=0.5, window=8))
+        model(x, cache=cache)
+    layer, ref = cache.layers[0], full.layers[0]
+    assert layer.pk.shape == (2 * 64, 8) and layer.kchan.shape == (1, 2, 8)  # all tokens, half the channels
+    for hi in range(2):
+        torch.testing.assert_close(layer.pk[hi * 64 : (hi + 1) * 64], ref.keys[0, hi][:, layer.kchan[0, hi]])
+    assert cache.kv_bytes() < 0.8 * full.kv_bytes()
+    # the next chunk's attention equals dense attention with the pruned channels zeroed
+    q = torch.randn(1, 6, 3, 16, dtype=torch.float32)
+    kn, vn = torch.randn(2, 1, 2, 3, 16)
+    pruned = torch.zeros_like(ref.keys)
+    for hi in range(2):
+        pruned[0, hi][:, layer.kchan[0, hi]] = ref.keys[0, hi][:, layer.kchan[0, hi]]
+    keys, values = torch.cat([pruned, kn], 2), torch.cat([ref.values, vn], 2)
+    allowed = torch.ones(1, 2, 3, 67, dtype=torch.bool)
+    allowed[..., 64:] = torch.ones(3, 3, dtype=torch.bool).tril()
+    expect = dense_attention(q, keys, values, allowed, 0.25)
+    layer.policy = None  # attention only: no compression after this chunk
+    layer.key_channels = None
+    layer.update(kn, vn)
+    kv.cache.take_handoff()
+    torch.testing.assert_close(layer.attend(q, None, 0.25, delegate=None), expect)
+
+
+def test_think_on_top_of_snapkv_evicts_tokens_and_channels():
+    model = tiny_llama(layers=2, head_dim=16)
+    with torch.no_grad():
+        cache = kv.CompressedCache(model, kv.ThinK("snapkv", channels=0.25), ratio=0.5)
+        model(ids(1, 100), cache=cache)
+        for s in range(40):
+            model(ids(1, 1, seed=s), cache=cache)
+    layer = cache.layers[1]
+    assert layer.pk.shape[1] == 4 and int(cache.held_tokens().max()) <= 70 + 32
+    with pytest.raises(ValueError, match="do not compose"):
+        kv.CompressedCache(model, kv.ThinK("snapkv"), ratio=0.5, quant="int8")

@@ -36,6 +36,7 @@ from subquad.kv.policies import (
     ScoreContext,
     SnapKV,
     StreamingLLM,
+    ThinK,
     make_policy,
 )
 
@@ -108,6 +109,7 @@ __all__ = [
     "ScoreContext",
     "SnapKV",
     "StreamingLLM",
+    "ThinK",
     "check_supported",
     "compress",
     "install",

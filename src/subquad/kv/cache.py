@@ -59,26 +59,29 @@ def multi_part_attention(
     """Softmax attention of ``q [*, G, Tq, D]`` over the union of several key/value parts.
 
     Each part is ``(k [*, L, D], v [*, L, Dv], allowed)`` with ``allowed`` broadcastable to
-    ``[*, Tq, L]`` (None: all allowed). One softmax spans all parts, so the result equals attention
-    over the concatenated keys without building that concatenation. Query rows are processed in
-    blocks so one block's scores stay small. Rows with no allowed key give zeros.
+    ``[*, Tq, L]`` (None: all allowed), optionally with a fourth element: the queries to use for that
+    part (the same rows, fewer channels: keys stored with pruned channels). One softmax spans all
+    parts, so the result equals attention over the concatenated keys without building that
+    concatenation. Query rows are processed in blocks so one block's scores stay small. Rows with
+    no allowed key give zeros.
 
     Returns:
         ``out [*, G, Tq, Dv]`` and, if ``want_sums``, per part the attention each key received,
         summed over G and Tq: ``[*, L]``.
     """
     tq = q.shape[-2]
-    sums = [k.new_zeros(k.shape[:-1], dtype=torch.float32) for k, _, _ in parts] if want_sums else None
-    nonempty = [i for i, (k, _, _) in enumerate(parts) if k.shape[-2] > 0]
+    parts = [(*p, q) if len(p) == 3 else tuple(p) for p in parts]
+    sums = [p[0].new_zeros(p[0].shape[:-1], dtype=torch.float32) for p in parts] if want_sums else None
+    nonempty = [i for i, p in enumerate(parts) if p[0].shape[-2] > 0]
     parts = [parts[i] for i in nonempty]
-    total = sum(k.shape[-2] for k, _, _ in parts) * q.shape[-3]
+    total = sum(p[0].shape[-2] for p in parts) * q.shape[-3]
     block = max(1, _BLOCK_ELEMENTS // max(1, total))
     outs = []
     acc_dtype = torch.promote_types(q.dtype, torch.float32)  # softmax in at least float32
     for r0 in range(0, tq, block):
-        qb = q[..., r0 : r0 + block, :]
         scores = []
-        for k, _, allowed in parts:
+        for k, _, allowed, qp in parts:
+            qb = qp[..., r0 : r0 + block, :]
             s = torch.matmul(qb, k.unsqueeze(-3).transpose(-1, -2)).to(acc_dtype) * scaling
             if allowed is not None:
                 s = s.masked_fill(~allowed[..., r0 : r0 + block, :].unsqueeze(-3), -math.inf)
@@ -88,7 +91,7 @@ def multi_part_attention(
         probs = [torch.exp(s - m) for s in scores]
         den = sum(p.sum(dim=-1, keepdim=True) for p in probs).clamp_min(torch.finfo(acc_dtype).tiny)
         out = None
-        for p, (_, v, _) in zip(probs, parts, strict=True):
+        for p, (_, v, _, _) in zip(probs, parts, strict=True):
             o = torch.matmul((p / den).to(v.dtype), v.unsqueeze(-3))
             out = o if out is None else out + o
         outs.append(out)
@@ -119,6 +122,11 @@ class CompressedLayer(CacheLayerMixin):
     ) -> None:
         super().__init__()
         self.quant = check_quant(quant)
+        # ThinK: fraction of key channels the packed keys keep (channel set per head, fixed once chosen)
+        self.key_channels = getattr(policy, "key_channels", None)
+        if self.key_channels is not None and self.quant:
+            raise ValueError("key-channel pruning (ThinK) and quant do not compose yet; use one of them")
+        self.kchan = None
         self.layer_idx = layer_idx
         self.num_layers = num_layers
         self.policy = policy
@@ -216,7 +224,7 @@ class CompressedLayer(CacheLayerMixin):
         """Bytes of the tensors that hold keys and values (with their positions and lengths)."""
         ts = [self.keys, self.values, self.pk, self.pv, self.ppos, self.plen]
         ts += [self.kgroup, self.kscale, self.kzero, self.vscale, self.vzero]
-        ts += [self.comp_k, self.comp_v, self.comp_n]
+        ts += [self.comp_k, self.comp_v, self.comp_n, self.kchan]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def state_bytes(self) -> int:
@@ -241,8 +249,12 @@ class CompressedLayer(CacheLayerMixin):
             self.qwin = qw[:, :, -self.query_window :].clone()
         if self.budget is not None and self._due(tq):
             self.compress(mask, chunk_queries=q)
-        elif self.budget is None and self.quant and self.keys.shape[-2] >= self.evict_every:
-            self.compress(mask)  # quantize the tail, keep everything
+        elif (
+            self.budget is None
+            and (self.quant or self.key_channels)
+            and (tq > 1 or self.keys.shape[-2] >= self.evict_every)
+        ):
+            self.compress(mask, chunk_queries=q)  # quantize / prune the tail, keep every token
         return out
 
     def _attend(self, q: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
@@ -273,7 +285,11 @@ class CompressedLayer(CacheLayerMixin):
             if allowed is not None:
                 pos = self.ppos.long().view(b, 1, h * lp).expand(b, tq, h * lp)
                 allow_p = allowed[:, 0].gather(-1, pos).view(b, tq, h, lp).transpose(1, 2)
-            parts = [(kp, vp, allow_p), (self.keys, self.values, allow_t), *self._compensation_part(tq)]
+            packed = (kp, vp, allow_p)
+            if self.kchan is not None:  # keys stored with their kept channels only
+                idx = self.kchan[:, :, None, None, :].expand(b, h, hq // h, tq, self.kchan.shape[-1])
+                packed = (kp, vp, allow_p, qg.gather(-1, idx))
+            parts = [packed, (self.keys, self.values, allow_t), *self._compensation_part(tq)]
             out, sums = multi_part_attention(qg, parts, scaling, track)
             if track:
                 n = lp + tail
@@ -293,7 +309,9 @@ class CompressedLayer(CacheLayerMixin):
                         allow_p = allowed[bi, 0][:, self.ppos[s0:s1].long()]
                     at = allow_t[bi if allow_t.shape[0] > 1 else 0, 0]
                     parts = [
-                        (pk[s0:s1], pv[s0:s1], allow_p),
+                        (pk[s0:s1], pv[s0:s1], allow_p)
+                        if self.kchan is None
+                        else (pk[s0:s1], pv[s0:s1], allow_p, qg[bi, hi][..., self.kchan[bi, hi]]),
                         (self.keys[bi, hi], self.values[bi, hi], at),
                         *self._compensation_part(tq, bi, hi),
                     ]
@@ -358,6 +376,9 @@ class CompressedLayer(CacheLayerMixin):
             return out.view(b, h, lmax, *flat.shape[1:])
 
         pk, pv = self._packed_kv()
+        if self.kchan is not None:  # pruned channels read as zeros, as attention sees them
+            full = pk.new_zeros(pk.shape[0], self.keys.shape[-1])
+            pk = full.scatter_(1, self.kchan.reshape(b * h, -1)[seg], pk)
         keys = torch.cat([pad(pk, 0), self.keys], dim=2)
         values = torch.cat([pad(pv, 0), self.values], dim=2)
         pos = torch.cat([pad(self.ppos.long(), -1), tpos], dim=2)
@@ -373,7 +394,7 @@ class CompressedLayer(CacheLayerMixin):
     ) -> None:
         """Score everything held with the policy and keep the top tokens of each head (without a
         budget, keep everything: this moves the tail into the quantized store)."""
-        if self.budget is None and not self.quant:
+        if self.budget is None and not (self.quant or self.key_channels):
             raise ValueError("CompressedLayer.compress needs a policy and a budget (or quant)")
         keys, values, pos, exists, stats, pad = self._candidates()
         if self.budget is None:
@@ -385,7 +406,9 @@ class CompressedLayer(CacheLayerMixin):
         if self.quant:
             self._store_quantized(keep, pad)
         else:
-            self.pk = keys[keep]
+            self.pk = (
+                keys[keep] if self.key_channels is None else self._pruned_keys(keys, keep, chunk_queries)
+            )
             self.pv = values[keep]
         self.ppos = pos[keep].to(torch.int32)
         self.plen = keep.sum(-1).cpu()
@@ -395,6 +418,27 @@ class CompressedLayer(CacheLayerMixin):
         self.tstats = {n: v[:, :, :0] for n, v in self.tstats.items()}
         self.compressions += 1
         self.seen_at_compression = self.seen
+
+    def _pruned_keys(self, keys: torch.Tensor, keep: torch.Tensor, chunk_queries) -> torch.Tensor:
+        """Kept keys ``[N, Dk]`` with only their head's kept channels (ThinK, Xu et al. 2024,
+        https://arxiv.org/abs/2407.21018): channel ``c`` of a head scores ``|Q_w[:, c]| |K[:, c]|``, the
+        norms of the recent queries of its query heads and of its held keys; the top ``key_channels``
+        fraction is kept, chosen at the first compression and fixed after (pruned keys cannot regain
+        channels)."""
+        b, h, _, d = keys.shape
+        if self.kchan is None:
+            queries = self.qwin if self.query_window else chunk_queries
+            if queries is None:
+                raise ValueError("ThinK needs queries to rank key channels (run a forward first)")
+            window = getattr(self.policy, "observation", queries.shape[-2])
+            q = queries[:, :, -window:].float()
+            q_norm = q.reshape(b, h, -1, d).norm(dim=2)  # over the group's heads and window rows
+            k_norm = keys.float().norm(dim=2)
+            n_keep = max(1, math.ceil(self.key_channels * d))
+            self.kchan = (q_norm * k_norm).topk(n_keep, dim=-1).indices.sort(dim=-1).values
+        rows = keep.nonzero()
+        seg_channels = self.kchan[rows[:, 0], rows[:, 1]]  # [N, Dk]
+        return keys[keep].gather(1, seg_channels)
 
     def _compensate(self, keys: torch.Tensor, values: torch.Tensor, evicted: torch.Tensor) -> None:
         """Fold the evicted real tokens into each head's compensation token (a running mean)."""

@@ -272,6 +272,44 @@ class LazyEviction(Policy):
         return s.masked_fill(_recent(ctx, self.recent), INF)
 
 
+class ThinK(Policy):
+    """Query-driven key-channel pruning (Xu et al. 2024, https://arxiv.org/abs/2407.21018), on its own
+    or on top of a token policy: packed keys keep only the ``channels`` fraction of each head's
+    channels with the largest ``|Q_w[:, c]| |K[:, c]|`` (recent ``window`` queries), and are stored
+    that narrow; values and the recent tail stay whole. Without ``inner`` no token is evicted (give
+    no budget).
+    """
+
+    name = "think"
+
+    def __init__(self, inner: Policy | str | None = None, channels: float = 0.5, window: int = 32) -> None:
+        if not 0.0 < channels <= 1.0:
+            raise ValueError(
+                f"ThinK: channels is the kept fraction of key channels in (0, 1], got {channels}"
+            )
+        if window < 1:
+            raise ValueError(f"ThinK: window must be >= 1, got {window}")
+        self.inner = make_policy(inner) if inner is not None else None
+        self.key_channels = channels
+        self.observation = window
+        self.window = max(window, self.inner.window if self.inner else 0)
+        self.token_stats = self.inner.token_stats if self.inner else ()
+        self.compensate = self.inner.compensate if self.inner else False
+
+    def config(self) -> dict:
+        inner = self.inner.config() if self.inner else None
+        return {"name": self.name, "channels": self.key_channels, "window": self.observation, "inner": inner}
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        return self.inner.score(ctx) if self.inner else ctx.positions.float()
+
+    def layer_target(self, target: int, layer_idx: int, num_layers: int) -> int:
+        return self.inner.layer_target(target, layer_idx, num_layers) if self.inner else target
+
+    def head_targets(self, ctx: ScoreContext) -> torch.Tensor | None:
+        return self.inner.head_targets(ctx) if self.inner else None
+
+
 @dataclass
 class HeadRoles:
     """Per (layer, KV head) retrieval scores from a calibration; higher means more retrieval-like."""
@@ -351,7 +389,7 @@ class RazorAttention(DuoAttention):
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
-    for cls in (StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, LazyEviction, DuoAttention, RazorAttention)
+    for cls in (StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, LazyEviction, DuoAttention, RazorAttention, ThinK)
 }
 
 
