@@ -252,9 +252,10 @@ class CompressedLayer(CacheLayerMixin):
         elif (
             self.budget is None
             and (self.quant or self.key_channels)
-            and (tq > 1 or self.keys.shape[-2] >= self.evict_every)
+            and ((self.key_channels and tq > 1) or self.keys.shape[-2] >= self.evict_every)
         ):
-            self.compress(mask, chunk_queries=q)  # quantize / prune the tail, keep every token
+            # keep every token; quantized: once `evict_every` tokens wait in the full-precision tail
+            self.compress(mask, chunk_queries=q)
         return out
 
     def _attend(self, q: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
