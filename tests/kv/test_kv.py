@@ -615,3 +615,14 @@ def test_think_on_top_of_snapkv_evicts_tokens_and_channels():
     assert layer.pk.shape[1] == 4 and int(cache.held_tokens().max()) <= 70 + 32
     with pytest.raises(ValueError, match="do not compose"):
         kv.CompressedCache(model, kv.ThinK("snapkv"), ratio=0.5, quant="int8")
+
+
+def test_compression_frees_the_old_tail():
+    """The empty tail after a compression is a fresh tensor, not a view pinning the old buffer."""
+    model = tiny_llama(layers=1)
+    cache = kv.CompressedCache(model, "snapkv", ratio=0.5, track_attention=True)
+    with torch.no_grad():
+        model(ids(1, 64), cache=cache)
+    layer = cache.layers[0]
+    assert layer.keys.shape[2] == 0 and layer.keys.untyped_storage().nbytes() == 0
+    assert all(v.untyped_storage().nbytes() == 0 for v in layer.tstats.values())

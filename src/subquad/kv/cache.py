@@ -101,6 +101,10 @@ def multi_part_attention(
     return torch.cat(outs, dim=-2), sums
 
 
+def _empty_tail(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:2], 0, x.shape[-1]))
+
+
 class CompressedLayer(CacheLayerMixin):
     """One decoder layer's compressed cache (see the module docstring)."""
 
@@ -156,8 +160,8 @@ class CompressedLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
-        self.keys = key_states[:, :, :0]
-        self.values = value_states[:, :, :0]
+        self.keys = _empty_tail(key_states)
+        self.values = _empty_tail(value_states)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -414,9 +418,10 @@ class CompressedLayer(CacheLayerMixin):
         self.ppos = pos[keep].to(torch.int32)
         self.plen = keep.sum(-1).cpu()
         self.pstats = {n: v[keep] for n, v in stats.items()}
-        self.keys = self.keys[:, :, :0]
-        self.values = self.values[:, :, :0]
-        self.tstats = {n: v[:, :, :0] for n, v in self.tstats.items()}
+        # fresh empty tensors, not zero-length views that would keep the old tail's memory alive
+        self.keys = _empty_tail(self.keys)
+        self.values = _empty_tail(self.values)
+        self.tstats = {n: v.new_empty((*v.shape[:2], 0)) for n, v in self.tstats.items()}
         self.compressions += 1
         self.seen_at_compression = self.seen
 

@@ -87,7 +87,9 @@ def init_stats(names, positions: torch.Tensor) -> dict[str, torch.Tensor]:
     """Initial statistics of new tokens at ``positions [B, H, T]``."""
     out = {}
     for n in names:
-        out[n] = positions.float().clone() if n == "last_hit" else torch.zeros(positions.shape)
+        # fresh, contiguous tensors: the statistics are updated in place
+        fresh = positions.new_zeros(positions.shape, dtype=torch.float32)
+        out[n] = fresh.copy_(positions) if n == "last_hit" else fresh
     return out
 
 
