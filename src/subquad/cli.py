@@ -123,6 +123,7 @@ def cmd_bench_kv(args: argparse.Namespace) -> int:
             "depths": args.depths,
             "ratios": args.ratios,
             "policies": args.policies,
+            "quants": None if args.quants is None else tuple(q for q in args.quants if q != "none"),
             "samples": args.samples,
             "ppl_segments": args.ppl_segments,
             "decode_tokens": args.decode_tokens,
@@ -336,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", type=_csv(float), default=None, help="needle depths (default 0.1,...,0.9)")
     p.add_argument("--ratios", type=_csv(float), default=None, help="fractions removed (0.25,0.5,0.75,0.875)")
     p.add_argument("--policies", type=_csv(str), default=None, help="default: all policies")
+    p.add_argument("--quants", type=_csv(str), default=None, help="int8,int4 (default) or none")
     p.add_argument("--samples", type=int, default=None, help="passkey prompts per (context, depth)")
     p.add_argument("--ppl-segments", type=int, default=None, help="Shakespeare segments for perplexity")
     p.add_argument("--decode-tokens", type=int, default=None, help="tokens decoded in the bounded-memory run")

@@ -254,7 +254,7 @@ def test_chunked_prefill_compresses_after_every_chunk():
             seen = c0 + 32
             for layer in cache.layers:
                 assert int(layer.held_tokens().max()) == cache.policy.layer_target(
-                    math.ceil(0.5 * seen), layer.layer_idx, 2
+                    math.ceil(0.5 * seen), layer.layer_idx, 2, seen
                 )
     assert cache.layers[-1].compressions == 3  # the top layer's small budget is exceeded every chunk
 
@@ -337,8 +337,10 @@ def test_policy_rules():
     assert top(lazy, 5) == {5, 36, 37, 38, 39}
     assert lazy[0, 0, 9] < lazy[0, 0, 30]  # overdue by 16 steps scores below a 9-step-old never-hit token
     pyramid = kv.PyramidKV(beta=4)
-    budgets = [pyramid.layer_target(100, i, 4) for i in range(4)]
+    budgets = [pyramid.layer_target(100, i, 4, seen=1000) for i in range(4)]
     assert budgets == sorted(budgets, reverse=True) and abs(sum(budgets) - 400) <= 2 and budgets[-1] == 25
+    capped = [pyramid.layer_target(80, i, 4, seen=100) for i in range(4)]  # 2 * 80 - 20 > 100 tokens seen
+    assert capped[0] == 100 and abs(sum(capped) - 320) <= 2
 
 
 def test_head_roles_round_trip_and_bad_file(tmp_path):
@@ -626,3 +628,12 @@ def test_compression_frees_the_old_tail():
     layer = cache.layers[0]
     assert layer.keys.shape[2] == 0 and layer.keys.untyped_storage().nbytes() == 0
     assert all(v.untyped_storage().nbytes() == 0 for v in layer.tstats.values())
+
+
+def test_duo_never_exceeds_a_budget_smaller_than_sinks_plus_recent():
+    model = tiny_llama(layers=2)
+    roles = kv.HeadRoles(scores=[[0.9, 0.1], [0.2, 0.8]])
+    with torch.no_grad():
+        cache = kv.CompressedCache(model, kv.DuoAttention(roles, sinks=2, recent=50), tokens=20)
+        model(ids(1, 100), cache=cache)
+    assert cache.held_tokens().flatten().tolist() == [20, 20, 20, 20]

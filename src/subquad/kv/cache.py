@@ -332,7 +332,8 @@ class CompressedLayer(CacheLayerMixin):
     # --- compression ---------------------------------------------------------------------------
 
     def _targets(self) -> int:
-        return self.policy.layer_target(self.budget.target(self.seen), self.layer_idx, self.num_layers)
+        target = self.budget.target(self.seen)
+        return self.policy.layer_target(target, self.layer_idx, self.num_layers, self.seen)
 
     def _due(self, tq: int) -> bool:
         # after a multi-token forward (prefill, a prefill chunk) compress at once; while decoding, once

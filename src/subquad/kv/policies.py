@@ -125,8 +125,8 @@ class Policy:
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         raise NotImplementedError
 
-    def layer_target(self, target: int, layer_idx: int, num_layers: int) -> int:
-        """Per-layer budget; the default keeps the global one."""
+    def layer_target(self, target: int, layer_idx: int, num_layers: int, seen: int) -> int:
+        """Per-layer budget once ``seen`` tokens have been read; the default keeps the global one."""
         return target
 
     def head_targets(self, ctx: ScoreContext) -> torch.Tensor | None:
@@ -216,7 +216,8 @@ class PyramidKV(SnapKV):
 
     Layer ``l`` of ``n`` keeps ``b_max - l (b_max - b_min) / (n - 1)`` tokens with
     ``b_min = target / beta`` and ``b_max = 2 target - b_min``: the same total as a uniform
-    budget, more in the lower layers where attention is broad.
+    budget, more in the lower layers where attention is broad. Where ``b_max`` would exceed the
+    tokens seen, it is capped there and ``b_min = 2 target - seen`` keeps the total.
     """
 
     name = "pyramidkv"
@@ -227,11 +228,13 @@ class PyramidKV(SnapKV):
             raise ValueError(f"PyramidKV: beta must be >= 1, got {beta}")
         self.beta = beta
 
-    def layer_target(self, target: int, layer_idx: int, num_layers: int) -> int:
+    def layer_target(self, target: int, layer_idx: int, num_layers: int, seen: int) -> int:
         if num_layers == 1:
             return target
         low = target / self.beta
         high = 2 * target - low
+        if high > seen:
+            high, low = seen, 2 * target - seen
         return max(1, round(high - layer_idx * (high - low) / (num_layers - 1)))
 
 
@@ -305,8 +308,8 @@ class ThinK(Policy):
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         return self.inner.score(ctx) if self.inner else ctx.positions.float()
 
-    def layer_target(self, target: int, layer_idx: int, num_layers: int) -> int:
-        return self.inner.layer_target(target, layer_idx, num_layers) if self.inner else target
+    def layer_target(self, target: int, layer_idx: int, num_layers: int, seen: int) -> int:
+        return self.inner.layer_target(target, layer_idx, num_layers, seen) if self.inner else target
 
     def head_targets(self, ctx: ScoreContext) -> torch.Tensor | None:
         return self.inner.head_targets(ctx) if self.inner else None
@@ -361,7 +364,8 @@ class DuoAttention(Policy):
                 f"{(ctx.num_layers, ctx.keys.shape[1])}"
             )
         full = ctx.seen
-        stream = min(full, self.sinks + self.recent)
+        # a budget below sinks + recent shrinks the streaming heads' window (and leaves no retrieval head)
+        stream = min(full, self.sinks + self.recent, ctx.target)
         # fraction f of retrieval heads such that f * full + (1 - f) * stream = target
         f = 1.0 if full <= stream else min(1.0, max(0.0, (ctx.target - stream) / (full - stream)))
         n_retrieval = math.floor(f * scores.numel() + 1e-9)
