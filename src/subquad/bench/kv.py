@@ -281,14 +281,19 @@ def run_perplexity(model, tokenizer, cfg: KVBenchConfig, roles, bar) -> list[dic
 
 
 @torch.no_grad()
-def run_bounded_decode(model, tokenizer, cfg: KVBenchConfig, bar) -> list[dict]:
+def run_bounded_decode(
+    model, tokenizer, cfg: KVBenchConfig, bar, caches: tuple[str, ...] | None = None
+) -> list[dict]:
+    """Decode ``cfg.decode_tokens`` greedily with each cache (``dynamic`` = the stock cache, or the
+    policy under ``cfg.decode_budget`` tokens), recording cache bytes and resident memory. Resident
+    memory is only telling in a fresh process: run one cache per process to compare it."""
     from transformers import DynamicCache
 
     from subquad.kv import CompressedCache
 
     prompt = _heldout_ids(tokenizer, 64).unsqueeze(0)
     series = []
-    for label in ("dynamic", cfg.decode_policy):
+    for label in caches or ("dynamic", cfg.decode_policy):
         if label == "dynamic":
             cache = DynamicCache()
         else:
