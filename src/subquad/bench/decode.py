@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 import torch
 from tqdm.auto import tqdm
 
-from subquad.bench.machine import PeakMemory, load_average, machine_info
+from subquad.bench.machine import PeakMemory, load_average, machine_info, results_dir
 from subquad.models import SubquadConfig, SubquadForCausalLM, expand_pattern
 
 
@@ -247,7 +247,7 @@ def plot_decode(result: dict, path: str) -> str | None:
 
 
 def default_out_dir() -> str:
-    return os.path.join("results", "decode-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    return results_dir("decode")
 
 
 __all__ = ["DecodeConfig", "format_table", "measure_one", "plot_decode", "run_decode"]

@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 import torch
 from tqdm.auto import tqdm
 
-from subquad.bench.machine import load_average, machine_info
+from subquad.bench.machine import load_average, machine_info, results_dir
 
 ALL_POLICIES = ("streamingllm", "h2o", "snapkv", "pyramidkv", "tova", "duo", "razor")
 
@@ -528,7 +528,7 @@ def plot_kv(result: dict, path: str) -> str | None:
 
 
 def default_out_dir() -> str:
-    return os.path.join("results", "kv-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    return results_dir("kv")
 
 
 __all__ = ["KVBenchConfig", "format_report", "plot_kv", "quick_config", "run_kv", "summarize"]

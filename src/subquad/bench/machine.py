@@ -143,3 +143,10 @@ def measure_peak(fn: Callable[[], object], probe: PeakMemory) -> int | None:
         out = fn()
         del out
     return m["bytes"]
+
+
+def results_dir(name: str) -> str:
+    """``results/<name>-<UTC time>``: where a benchmark writes when no ``--out`` is given."""
+    from datetime import datetime, timezone
+
+    return os.path.join("results", f"{name}-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))

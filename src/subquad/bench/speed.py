@@ -36,6 +36,7 @@ from subquad.bench.machine import (
     machine_info,
     matmul_peak_gflops,
     measure_peak,
+    results_dir,
     synchronize,
 )
 from subquad.registry import get_op, list_ops
@@ -352,7 +353,7 @@ def format_table(result: dict) -> str:
 
 
 def default_out_dir() -> str:
-    return os.path.join("results", "speed-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    return results_dir("speed")
 
 
 __all__ = ["SpeedConfig", "format_table", "quick_config", "run_speed"]
