@@ -222,8 +222,9 @@ def test_per_head_budgets_are_stored_ragged():
         cache = kv.CompressedCache(model, kv.DuoAttention(roles, sinks=2, recent=20), budget=0.6)
         model(x, cache=cache)
     held = cache.held_tokens()[:, 0]  # [layers, H]
-    # keep 0.6 of 200 = 120 per head on average: the two best heads keep 200, the others 22 (avg 111)
-    assert held.tolist() == [[200, 22], [22, 200]]
+    # keep 0.6 of 200 = 120 per head on average: the two best heads keep 200; sinks + recent would be
+    # 22, and the 36 tokens whole heads leave of the budget widen the two streaming heads to 40 (avg 120)
+    assert held.tolist() == [[200, 40], [40, 200]]
     per_token = 2 * 8 * 4 + 4  # + the int32 position
     assert cache.kv_bytes() == int(held.sum()) * per_token + 2 * 2 * 8  # + int64 lengths [B, H] x 2 layers
     nxt = model(ids(1, 1, seed=5), cache=cache).logits
@@ -537,8 +538,8 @@ def test_razor_keeps_a_compensation_token_that_is_the_mean_of_what_was_evicted()
         layer, ref = cache.layers[0], full.layers[0]
         held = layer.held_tokens()[0]
         for hi in range(2):
-            if held[hi] == 12:  # a streaming head: sinks + recent, the rest folded into one token
-                kept = set(range(2)) | set(range(110, 120))
+            if held[hi] < 120:  # a streaming head: sinks + recent, the rest folded into one token
+                kept = set(range(2)) | set(range(120 - (int(held[hi]) - 2), 120))
                 gone = [p for p in range(120) if p not in kept]
                 torch.testing.assert_close(layer.comp_k[0, hi], ref.keys[0, hi, gone].mean(0))
                 torch.testing.assert_close(layer.comp_v[0, hi], ref.values[0, hi, gone].mean(0))
@@ -548,7 +549,7 @@ def test_razor_keeps_a_compensation_token_that_is_the_mean_of_what_was_evicted()
         # the next token attends to kept tokens plus the compensation token
         logits = model(ids(1, 1, seed=3), cache=cache).logits
     assert torch.isfinite(logits).all()
-    assert int(cache.held_tokens().min()) == 13 or bool((layer.comp_n == 0).all())
+    assert int(cache.held_tokens().min()) > 12 or bool((layer.comp_n == 0).all())
 
 
 def test_token_statistics_follow_their_definitions():

@@ -341,7 +341,8 @@ class DuoAttention(Policy):
     :func:`subquad.kv.calibrate.calibrate_head_roles` (attention mass on a passkey, model frozen)
     instead of the paper's trained gates. Given a layer target, the number of retrieval heads is
     chosen over all layers so that the average kept fraction meets the budget: the
-    highest-scoring heads of the whole model become retrieval heads.
+    highest-scoring heads of the whole model become retrieval heads, and what whole heads leave of
+    the budget widens the streaming heads' recent window.
     """
 
     name = "duo"
@@ -368,9 +369,14 @@ class DuoAttention(Policy):
         stream = min(full, self.sinks + self.recent, ctx.target)
         # fraction f of retrieval heads such that f * full + (1 - f) * stream = target
         f = 1.0 if full <= stream else min(1.0, max(0.0, (ctx.target - stream) / (full - stream)))
-        n_retrieval = math.floor(f * scores.numel() + 1e-9)
+        n = scores.numel()
+        n_retrieval = math.floor(f * n + 1e-9)
+        # whole heads round the budget down: the rest widens every streaming head's recent window
+        if n_retrieval < n:
+            spare = ctx.target * n - (n_retrieval * full + (n - n_retrieval) * stream)
+            stream = min(full, stream + max(0, spare) // (n - n_retrieval))
         order = scores.flatten().argsort(descending=True, stable=True)
-        is_retrieval = torch.zeros(scores.numel(), dtype=torch.bool)
+        is_retrieval = torch.zeros(n, dtype=torch.bool)
         is_retrieval[order[:n_retrieval]] = True
         mine = is_retrieval.view_as(scores)[ctx.layer_idx]
         return torch.where(mine, full, stream).long()
