@@ -161,11 +161,11 @@ def test_block_sparse_full_mask_is_dense_and_cost_follows_the_kept_blocks():
     full = torch.ones(1, 2, 4, 4, dtype=torch.bool)
     assert_close(attention(q, k, v, block_mask=full, chunk_size=16), attention(q, k, v, chunk_size=16),
                  torch.float32, name="full block mask")  # fmt: skip
-    from subquad.ops.attention.sparse import _Rounds
+    from subquad.ops.attention.sparse import _Plan
 
     diag = torch.eye(4, dtype=torch.bool).expand(1, 2, 4, 4)
-    assert _Rounds(full, 64, 16, True, None).kept == 2 * 10  # causal: only blocks J <= I are kept
-    assert _Rounds(diag, 64, 16, True, None).kept == 2 * 4
+    assert _Plan(full, 64, 16, True, None).kept == 2 * 10  # causal: only blocks J <= I are kept
+    assert _Plan(diag, 64, 16, True, None).kept == 2 * 4
     with pytest.raises(ValueError, match=r"block_mask must have shape \[B, H, nb, nb\]"):
         attention(q, k, v, block_mask=full[..., :3], chunk_size=16)
     with pytest.raises(TypeError, match="block_mask must be a bool"):
