@@ -13,10 +13,29 @@ from subquad.ops._common.validation import autocast_exempt
 from subquad.ops._common.varlen import seq_bounds
 from subquad.ops.attention.chunk import chunk_attention
 from subquad.ops.attention.decode import decode_attention
+from subquad.ops.attention.estimators import (
+    ESTIMATORS,
+    mask_density,
+    nsa_mask,
+    quest_mask,
+    vertical_slash_mask,
+    xattention_mask,
+)
 from subquad.ops.attention.reference import reference_attention
 from subquad.ops.attention.sparse import sparse_attention
 
 MODES = ("reference", "chunk")
+
+__all__ = [
+    "ESTIMATORS",
+    "attention",
+    "attention_decode",
+    "mask_density",
+    "nsa_mask",
+    "quest_mask",
+    "vertical_slash_mask",
+    "xattention_mask",
+]
 
 
 @autocast_exempt
