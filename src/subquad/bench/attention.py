@@ -1,0 +1,480 @@
+"""``subquad bench attention``: exact, windowed, decoding and block-sparse softmax attention against
+torch's ``scaled_dot_product_attention`` in one run, with the quality of every approximate mask.
+
+Shape legend: B batch, T time, H heads, D head dim, b block size, nb blocks.
+
+Rows (all float32, B=1, H heads, D head dim, ``torch.set_num_threads(threads)``):
+
+- ``exact``: causal SDPA and the tiled ``attention`` at each T of ``exact_lens``, forward and
+  forward+backward, with the peak memory of the forward per token.
+- ``decode``: one query against a ``decode_len``-token cache: SDPA and ``attention_decode``.
+- ``window``: causal SDPA vs ``attention(window=w, sinks=4)`` at ``T``, forward and fwd+bwd.
+- ``sparse``: at ``T``, for each mask estimator (and a random mask of the same density, the
+  baseline), the time to estimate the mask, the block-sparse attention's time with it (forward
+  and fwd+bwd), the kept fraction of the visible blocks, and the relative error of its output
+  against full causal attention, ``||o - o_full|| / ||o_full||``.
+
+Inputs are *structured* (see :func:`structured_qkv`): every query has a few strong matches (a
+referenced span in retrieval heads, one diagonal in copy heads, sink columns in all) over weak
+random scores, the kind of pattern
+the estimators are built for; on unstructured random inputs no sparse mask can be accurate and
+the errors would say nothing. Timings are medians over ``repeats`` after a warmup; all ratios come
+from this one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from subquad.bench.machine import PeakMemory, load_average, machine_info, measure_peak
+from subquad.ops import attention, attention_decode
+from subquad.ops.attention.estimators import ESTIMATORS, mask_density
+
+
+def structured_qkv(
+    T: int,
+    *,
+    heads: int = 8,
+    head_dim: int = 64,
+    batch: int = 1,
+    strength: float = 20.0,
+    segment: int = 512,
+    sinks: int = 4,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 ``q, k, v [B, T, H, D]`` with the attention patterns of real heads, so that each
+    query has a few strong matches over weak random scores.
+
+    The base of every query and key is random, ``N(0, 1/D)`` per coordinate (about unit norm);
+    values are ``N(0, 1)``. Two kinds of heads alternate:
+
+    - even heads, *retrieval*: the sequence is cut into segments of ``segment`` tokens, each with
+      a random unit topic that its keys carry; every segment after the first looks up one earlier
+      segment (drawn at random): its queries carry that segment's topic, so they attend to the
+      whole referenced span (block-coherent attention, what block estimators are built for);
+    - odd heads, *slash*: one offset ``d`` in ``[1, T/2]`` per head, and query i carries the
+      direction of key ``i - d`` (a copy head: attention on one diagonal).
+
+    In every head the first ``sinks`` keys are set to one unit direction that all its queries
+    carry (attention sinks: columns every query reads). Each planted match scores about
+    ``strength`` nats above a random key (``strength * sqrt(D)`` on unit directions, scores scaled
+    by ``D^-1/2``). Random keys score ``N(0, ~2 strength^2 / D)`` (cross-talk of random
+    directions in D dims), so the strength must grow with T for the planted keys to dominate:
+    with 20 nats at D = 64 they hold ~98% of the attention at T = 16K.
+    """
+    g = torch.Generator().manual_seed(seed)
+    B, H, D = batch, heads, head_dim
+    k = torch.randn(B, T, H, D, generator=g) / math.sqrt(D)
+    v = torch.randn(B, T, H, D, generator=g)
+    q = torch.randn(B, T, H, D, generator=g) / math.sqrt(D)
+    amp = strength * math.sqrt(D)
+    nseg = -(-T // segment)
+    for h in range(H):
+        if h % 2 == 0 and nseg > 1:
+            topics = F.normalize(torch.randn(nseg, D, generator=g), dim=-1)
+            seg = torch.arange(T) // segment
+            k[:, :, h] += topics[seg]
+            ref = torch.cat(
+                [
+                    torch.zeros(1, dtype=torch.long),
+                    (torch.rand(nseg - 1, generator=g) * torch.arange(1, nseg)).long(),
+                ]
+            )
+            q[:, segment:, h] += amp * topics[ref[seg[segment:]]]
+        else:
+            d = int(torch.randint(1, max(2, T // 2), (1,), generator=g))
+            q[:, d:, h] += amp * F.normalize(k[:, : T - d, h], dim=-1)
+        if sinks:
+            u = F.normalize(torch.randn(D, generator=g), dim=0)
+            k[:, :sinks, h] = u
+            q[:, :, h] += amp * u
+    return q, k, v
+
+
+def random_block_mask(B: int, H: int, nb: int, density: float, seed: int = 0) -> torch.Tensor:
+    """A causal block mask keeping the diagonal, the first block and random visible blocks, about
+    ``density`` of the visible ones in all: the baseline an estimator has to beat."""
+    g = torch.Generator().manual_seed(seed)
+    vis = torch.ones(nb, nb, dtype=torch.bool).tril()
+    must = (torch.eye(nb, dtype=torch.bool) | (torch.arange(nb) == 0)[None, :]) & vis
+    extra = density * vis.sum() - must.sum()
+    p = max(0.0, float(extra) / float((vis & ~must).sum().clamp(min=1)))
+    return ((torch.rand(B, H, nb, nb, generator=g) < p) & vis) | must
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionBenchConfig:
+    """What ``subquad bench attention`` measures. Validated on construction."""
+
+    heads: int = 8
+    head_dim: int = 64
+    exact_lens: tuple[int, ...] = (4096, 8192)
+    memory_lens: tuple[int, ...] = (4096, 32768)
+    T: int = 16384
+    window: int = 512
+    decode_len: int = 65536
+    decode_splits: int = 4
+    block_size: int = 128
+    estimators: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {
+            "xattention": {"stride": 16, "threshold": 0.9},
+            "vertical_slash": {"last_q": 64, "vertical": 8, "slash": 8},
+            "quest": {"topk": 7},
+            "nsa": {"topk": 7},
+        }
+    )
+    random_density: float = 0.1
+    backward: bool = True
+    repeats: int = 5
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "heads",
+            "head_dim",
+            "T",
+            "window",
+            "decode_len",
+            "decode_splits",
+            "block_size",
+            "repeats",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("exact_lens", "memory_lens"):
+            if any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in getattr(self, name)):
+                raise ValueError(f"{name} must be ints >= 1, got {getattr(self, name)!r}")
+        unknown = sorted(set(self.estimators) - set(ESTIMATORS))
+        if unknown:
+            raise ValueError(f"unknown estimators {unknown}; expected names from {sorted(ESTIMATORS)}")
+        if not 0 < self.random_density <= 1:
+            raise ValueError(f"random_density must be in (0, 1], got {self.random_density!r}")
+
+
+def quick_config(**overrides) -> AttentionBenchConfig:
+    """Smaller sizes for a smoke run (a minute): T = 4K, a 16K-token decode cache."""
+    base = {
+        "exact_lens": (2048,),
+        "memory_lens": (1024, 4096),
+        "T": 4096,
+        "decode_len": 16384,
+        "repeats": 3,
+    }
+    return AttentionBenchConfig(**{**base, **overrides})
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warmup
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _fwd_bwd(fn, leaves):
+    def run():
+        o = fn()
+        return torch.autograd.grad(o.sum(), leaves)
+
+    return run
+
+
+def _timed_pair(fn, leaves, cfg) -> dict:
+    """Forward (no grad) and forward+backward medians of ``fn() -> o``."""
+    with torch.no_grad():
+        row = {"fwd_s": _time(fn, cfg.repeats)}
+    if cfg.backward:
+        for x in leaves:
+            x.requires_grad_(True)
+        row["fwdbwd_s"] = _time(_fwd_bwd(fn, leaves), cfg.repeats)
+        for x in leaves:
+            x.requires_grad_(False)
+    return row
+
+
+def _sdpa(q, k, v, causal=True):
+    # SDPA's layout is [B, H, T, D]; the transposes are views, included in its time as in ours
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+    ).transpose(1, 2)
+
+
+def _rel_err(o: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((o.double() - ref.double()).norm() / ref.double().norm())
+
+
+def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dict:
+    """Every row of the benchmark; see the module docstring."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    probe = PeakMemory(torch.device("cpu"))
+    rows: list[dict] = []
+    steps = len(cfg.exact_lens) + len(cfg.memory_lens) + 2 + 2 * (len(cfg.estimators) + 1)  # progress units
+    bar = tqdm(total=steps, disable=not progress, desc="bench attention", unit="step")
+
+    def step(label):
+        bar.set_postfix_str(label)
+        bar.update(1)
+
+    # exact causal attention vs SDPA
+    for T in cfg.exact_lens:
+        q, k, v = structured_qkv(T, heads=cfg.heads, head_dim=cfg.head_dim, seed=cfg.seed)
+        for name, fn in (
+            ("sdpa", lambda q=q, k=k, v=v: _sdpa(q, k, v)),
+            ("attention", lambda q=q, k=k, v=v: attention(q, k, v)),
+        ):
+            rows.append({"section": "exact", "method": name, "T": T, **_timed_pair(fn, [q, k, v], cfg)})
+        step(f"exact T={T}")
+    for T in cfg.memory_lens:
+        q, k, v = structured_qkv(T, heads=cfg.heads, head_dim=cfg.head_dim, seed=cfg.seed)
+        with torch.no_grad():
+            mem = measure_peak(lambda q=q, k=k, v=v: attention(q, k, v), probe)
+        rows.append(
+            {
+                "section": "memory",
+                "method": "attention",
+                "T": T,
+                "fwd_mem_bytes": mem,
+                "fwd_bytes_per_token": None if mem is None else mem / T,
+                "input_bytes_per_token": 4 * 3 * cfg.heads * cfg.head_dim,
+            }
+        )
+        step(f"memory T={T}")
+
+    # one decoding step against a long cache
+    S = cfg.decode_len
+    g = torch.Generator().manual_seed(cfg.seed)
+    kc = torch.randn(1, S, cfg.heads, cfg.head_dim, generator=g)
+    vc = torch.randn(1, S, cfg.heads, cfg.head_dim, generator=g)
+    q1 = torch.randn(1, 1, cfg.heads, cfg.head_dim, generator=g)
+    with torch.no_grad():
+        ref = _sdpa(q1, kc, vc, causal=False)
+        for name, fn in (
+            ("sdpa", lambda kc=kc, vc=vc: _sdpa(q1, kc, vc, causal=False)),
+            (
+                "attention_decode",
+                lambda kc=kc, vc=vc: attention_decode(q1, kc, vc, num_splits=cfg.decode_splits),
+            ),
+        ):
+            err = _rel_err(fn(), ref)
+            rows.append(
+                {
+                    "section": "decode",
+                    "method": name,
+                    "T": S,
+                    "fwd_s": _time(fn, max(cfg.repeats, 11)),
+                    "rel_err": err,
+                }
+            )
+    del kc, vc
+    step(f"decode S={S}")
+
+    # sliding window vs dense causal SDPA, and the block-sparse rows, at T
+    T, b = cfg.T, cfg.block_size
+    q, k, v = structured_qkv(T, heads=cfg.heads, head_dim=cfg.head_dim, seed=cfg.seed)
+    with torch.no_grad():
+        full = _sdpa(q, k, v)
+    dense = {
+        "section": "dense",
+        "method": "sdpa",
+        "T": T,
+        **_timed_pair(lambda: _sdpa(q, k, v), [q, k, v], cfg),
+    }
+    rows.append(dense)
+    win = {
+        "section": "window",
+        "method": f"attention window={cfg.window} sinks=4",
+        "T": T,
+        **_timed_pair(lambda: attention(q, k, v, window=cfg.window, sinks=4), [q, k, v], cfg),
+    }
+    with torch.no_grad():
+        win["rel_err"] = _rel_err(attention(q, k, v, window=cfg.window, sinks=4), full)
+    rows.append(win)
+    step(f"window T={T}")
+
+    masks = {}
+    for name, kwargs in cfg.estimators.items():
+        est = ESTIMATORS[name]
+        with torch.no_grad():
+            t_est = _time(lambda est=est, kwargs=kwargs: est(q, k, block_size=b, **kwargs), cfg.repeats)
+            masks[name] = (est(q, k, block_size=b, **kwargs), t_est, kwargs)
+        step(f"estimate {name}")
+    densities = [mask_density(m) for m, _, _ in masks.values()]
+    rnd_density = cfg.random_density
+    masks["random"] = (
+        random_block_mask(1, cfg.heads, -(-T // b), rnd_density, cfg.seed),
+        None,
+        {"density": rnd_density},
+    )
+    for name, (mask, t_est, kwargs) in masks.items():
+        fn = lambda mask=mask: attention(q, k, v, block_mask=mask, chunk_size=b)  # noqa: E731
+        row = {
+            "section": "sparse",
+            "method": name,
+            "T": T,
+            "settings": kwargs,
+            "density": mask_density(mask),
+            "estimate_s": t_est,
+            **_timed_pair(fn, [q, k, v], cfg),
+        }
+        with torch.no_grad():
+            row["rel_err"] = _rel_err(fn(), full)
+        rows.append(row)
+        step(f"sparse {name}")
+    bar.close()
+    _ratios(rows)
+    return {
+        "benchmark": "attention",
+        "config": dataclasses.asdict(cfg),
+        "machine": machine_info(torch.device("cpu")),
+        "load_average": load_average(),
+        "mean_estimator_density": statistics.fmean(densities) if densities else None,
+        "rows": rows,
+    }
+
+
+def _ratios(rows: list[dict]) -> None:
+    """Speedups against SDPA at the same T and section (dense causal SDPA for window / sparse)."""
+    sdpa = {}
+    for r in rows:
+        if r["method"] == "sdpa":
+            sdpa[(r["section"], r["T"])] = r
+            if r["section"] == "dense":
+                sdpa[("window", r["T"])] = sdpa[("sparse", r["T"])] = r
+    for r in rows:
+        base = sdpa.get((r["section"], r["T"]))
+        if base is None or r is base:
+            continue
+        for key in ("fwd_s", "fwdbwd_s"):
+            if r.get(key) and base.get(key):
+                r[f"{key[:-2]}_speedup_vs_sdpa"] = base[key] / r[key]
+        if r.get("estimate_s") and r.get("fwd_s"):
+            r["estimate_over_fwd"] = r["estimate_s"] / r["fwd_s"]
+
+
+def _f(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(result: dict) -> str:
+    """The markdown report of one run."""
+    cfg, rows = result["config"], result["rows"]
+    m = result["machine"]
+    out = [
+        f"# subquad bench attention\n\nfloat32, B=1, H={cfg['heads']}, D={cfg['head_dim']}, "
+        f"{m['torch_threads']} threads on {m['cpu']}, torch {m['torch']}, commit {m.get('git_commit')}; "
+        f"load average before the run {result.get('load_average')}. Medians of {cfg['repeats']} repeats.\n",
+        "## Exact causal attention (tiled) vs SDPA\n",
+        "| T | method | fwd s | fwd+bwd s | fwd speedup vs SDPA | fwd+bwd speedup |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["section"] == "exact":
+            out.append(
+                f"| {r['T']} | {r['method']} | {_f(r.get('fwd_s'), '.3f')} | {_f(r.get('fwdbwd_s'), '.3f')} "
+                f"| {_f(r.get('fwd_speedup_vs_sdpa'), '.2f')} "
+                f"| {_f(r.get('fwdbwd_speedup_vs_sdpa'), '.2f')} |"
+            )
+    out += ["", "Peak memory of the tiled forward above what was held before it (inputs excluded):", ""]
+    out += ["| T | peak MB | bytes / token | input bytes / token |", "|---|---|---|---|"]
+    for r in rows:
+        if r["section"] == "memory":
+            mb = None if r["fwd_mem_bytes"] is None else r["fwd_mem_bytes"] / 2**20
+            out.append(
+                f"| {r['T']} | {_f(mb, '.1f')} | {_f(r['fwd_bytes_per_token'], '.0f')} "
+                f"| {r['input_bytes_per_token']} |"
+            )
+    out += ["", "## One decoding step (one query, whole cache)\n"]
+    out += ["| cache tokens | method | ms | speedup vs SDPA | rel. error vs SDPA |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["section"] == "decode":
+            out.append(
+                f"| {r['T']} | {r['method']} | {1e3 * r['fwd_s']:.3f} "
+                f"| {_f(r.get('fwd_speedup_vs_sdpa'), '.2f')} "
+                f"| {r['rel_err']:.1e} |"
+            )
+    T = cfg["T"]
+    out += [
+        "",
+        f"## Sliding window and block-sparse attention at T = {T} vs dense causal SDPA\n",
+        f"Block size {cfg['block_size']}. Density: kept fraction of the causally visible blocks. "
+        "Relative error: `||o - o_full|| / ||o_full||` against full causal attention on the "
+        "structured inputs. Estimate: time to build the mask, also as a fraction of the sparse "
+        "forward.\n",
+        "| method | settings | density | estimate s | estimate / sparse fwd | fwd s | fwd speedup | "
+        "fwd+bwd s | fwd+bwd speedup | rel. error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["section"] in ("dense", "window", "sparse"):
+            settings = ", ".join(f"{k}={v}" for k, v in (r.get("settings") or {}).items())
+            out.append(
+                f"| {r['method']} | {settings} | {_f(r.get('density'), '.3f')} "
+                f"| {_f(r.get('estimate_s'), '.3f')} "
+                f"| {_f(r.get('estimate_over_fwd'), '.2f')} | {_f(r.get('fwd_s'), '.3f')} "
+                f"| {_f(r.get('fwd_speedup_vs_sdpa'), '.1f')} | {_f(r.get('fwdbwd_s'), '.3f')} "
+                f"| {_f(r.get('fwdbwd_speedup_vs_sdpa'), '.1f')} | {_f(r.get('rel_err'), '.3f')} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+def plot(result: dict, path: str) -> str | None:
+    """Speedup vs relative error of every sparse / window row (PNG), or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [
+        r for r in result["rows"] if r["section"] in ("window", "sparse") and r.get("fwd_speedup_vs_sdpa")
+    ]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rows:
+        err = max(r["rel_err"], 1e-6)
+        ax.scatter(r["fwd_speedup_vs_sdpa"], err, s=40)
+        ax.annotate(
+            r["method"].split(" ")[0],
+            (r["fwd_speedup_vs_sdpa"], err),
+            fontsize=8,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("forward speedup vs dense causal SDPA")
+    ax.set_ylabel("relative error vs full attention")
+    ax.set_title(f"T = {result['config']['T']}, structured inputs")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_results(result: dict, out_dir: str) -> tuple[str, str, str | None]:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "attention.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    md = os.path.join(out_dir, "report.md")
+    with open(md, "w") as f:
+        f.write(format_table(result))
+    png = plot(result, os.path.join(out_dir, "attention.png"))
+    return path, md, png

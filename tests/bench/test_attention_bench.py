@@ -1,0 +1,67 @@
+"""``subquad bench attention`` at toy sizes: every section is measured, ratios come from the same
+run, and the structured inputs have the few strong matches they promise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from subquad.bench.attention import (
+    AttentionBenchConfig,
+    quick_config,
+    random_block_mask,
+    run_attention_bench,
+    structured_qkv,
+    write_results,
+)
+
+
+def test_structured_inputs_concentrate_attention():
+    T = 1024
+    q, k, _ = structured_qkv(T, heads=2, head_dim=64, segment=128)
+    s = torch.einsum("thd,shd->hts", q[0, -32:], k[0]) / 8
+    p = s.masked_fill(torch.arange(T) > torch.arange(T - 32, T)[:, None], float("-inf")).softmax(-1)
+    # retrieval head 0: one referenced 128-token segment (+ sinks); copy head 1: one key (+ sinks)
+    assert p[0].topk(128 + 4, -1).values.sum(-1).min() > 0.95
+    assert p[1].topk(1 + 4, -1).values.sum(-1).min() > 0.9
+
+
+def test_random_mask_density_and_mandatory_blocks():
+    m = random_block_mask(1, 4, 32, 0.2, seed=3)
+    vis = torch.ones(32, 32, dtype=torch.bool).tril()
+    frac = (m & vis).sum() / (4 * vis.sum())
+    assert abs(float(frac) - 0.2) < 0.05
+    assert m[..., torch.eye(32, dtype=torch.bool)].all() and m[..., :, 0].all() and not m[..., ~vis].any()
+
+
+def test_bench_runs_every_section(tmp_path):
+    cfg = quick_config(
+        heads=2, head_dim=16, exact_lens=(256,), memory_lens=(256,), T=512, decode_len=512, block_size=64,
+        window=64, repeats=1, estimators={"quest": {"topk": 3}, "xattention": {"stride": 8}},
+    )  # fmt: skip
+    result = run_attention_bench(cfg, progress=False)
+    sections = {r["section"] for r in result["rows"]}
+    assert sections == {"exact", "memory", "decode", "dense", "window", "sparse"}
+    sparse = {r["method"]: r for r in result["rows"] if r["section"] == "sparse"}
+    assert set(sparse) == {"quest", "xattention", "random"}
+    for r in sparse.values():
+        assert 0 < r["density"] <= 1 and r["rel_err"] >= 0 and r["fwd_speedup_vs_sdpa"] > 0
+    assert sparse["quest"]["estimate_over_fwd"] == pytest.approx(
+        sparse["quest"]["estimate_s"] / sparse["quest"]["fwd_s"]
+    )
+    dec = [r for r in result["rows"] if r["section"] == "decode"]
+    assert all(r["rel_err"] < 1e-4 for r in dec)
+    path, md, _ = write_results(result, str(tmp_path))
+    from pathlib import Path
+
+    assert json.loads(Path(path).read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert "Sliding window and block-sparse" in Path(md).read_text()
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="unknown estimators"):
+        AttentionBenchConfig(estimators={"magic": {}})
+    with pytest.raises(ValueError, match="T must be an int >= 1"):
+        AttentionBenchConfig(T=0)
