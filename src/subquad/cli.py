@@ -152,6 +152,58 @@ def cmd_bench_kv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_attention(args: argparse.Namespace) -> int:
+    from subquad.bench.attention import AttentionBenchConfig, quick_config, run_attention_bench, write_results
+    from subquad.bench.machine import results_dir
+
+    fields = {
+        name: value
+        for name, value in {
+            "T": args.seq_len,
+            "exact_lens": args.exact_lens,
+            "memory_lens": args.memory_lens,
+            "decode_len": args.decode_len,
+            "window": args.window,
+            "block_size": args.block_size,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "backward": False if args.no_backward else None,
+        }.items()
+        if value is not None
+    }
+    try:
+        cfg = quick_config(**fields) if args.quick else AttentionBenchConfig(**fields)
+    except ValueError as err:
+        print(f"subquad bench attention: {err}", file=sys.stderr)
+        return 2
+    result = run_attention_bench(cfg, progress=not args.no_progress)
+    path, md, png = write_results(result, args.out or results_dir("attention"))
+    with open(md) as f:
+        print(f.read())
+    print(f"wrote {path}, {md}" + (f" and {png}" if png else ""))
+    return 0
+
+
+def cmd_bench_all(args: argparse.Namespace) -> int:
+    from subquad.bench.all import preset, run_all
+    from subquad.bench.machine import results_dir
+
+    try:
+        overrides = {"threads": args.threads}
+        if args.parts:
+            overrides["parts"] = tuple(args.parts)
+        cfg = preset(args.preset, **overrides)
+    except ValueError as err:
+        print(f"subquad bench all: {err}", file=sys.stderr)
+        return 2
+    out = args.out or results_dir(f"all-{args.preset}")
+    run_all(cfg, out, progress=not args.no_progress)
+    with open(os.path.join(out, "report.md")) as f:
+        print(f.read())
+    print(f"wrote {os.path.join(out, 'results.json')} and {os.path.join(out, 'report.md')}")
+    return 0
+
+
 def cmd_bench_lm_report(args: argparse.Namespace) -> int:
     from subquad.bench.lm_report import format_table, plot, summarize
 
@@ -347,6 +399,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="1K and 2K contexts, 3 depths, short decode")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench_kv)
+
+    p = bench.add_parser(
+        "attention",
+        help="exact, decode, sliding-window and block-sparse attention (with mask estimators) vs SDPA",
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="T of the window and sparse rows (default 16384)"
+    )
+    p.add_argument(
+        "--exact-lens", type=_csv(int), default=None, help="T of the exact rows (default 4096,8192)"
+    )
+    p.add_argument(
+        "--memory-lens", type=_csv(int), default=None, help="T of the memory rows (default 4096,32768)"
+    )
+    p.add_argument(
+        "--decode-len", type=int, default=None, help="cache tokens of the decode row (default 65536)"
+    )
+    p.add_argument("--window", type=int, default=None, help="sliding window (default 512)")
+    p.add_argument("--block-size", type=int, default=None, help="block size of the sparse rows (default 128)")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-backward", action="store_true", help="forward timings only")
+    p.add_argument("--out", default=None, help="output directory (default results/attention-<UTC time>)")
+    p.add_argument("--quick", action="store_true", help="T = 4K, 16K-token decode cache, 3 repeats")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench_attention)
+
+    p = bench.add_parser(
+        "all", help="the main job: recall, state tracking, LM race, speed and decoding in one report"
+    )
+    p.add_argument("--preset", default="quick", help="quick (~15 min on 2 cores) | standard (~2 h) | paper")
+    p.add_argument("--parts", type=_csv(str), default=None, help="subset of recall,state,lm,speed,decode")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="output directory (default results/all-<preset>-<UTC time>)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench_all)
 
     p = bench.add_parser("lm-report", help="compare subquad train runs at equal steps and equal wall time")
     p.add_argument("runs", nargs="+", help="run directories written by subquad train")
