@@ -726,3 +726,60 @@ register(
         flops=_attention_flops,
     )
 )
+
+
+def _nsa_op(
+    q, k, v, g_cmp, g_slc, g_swa, *, mode="chunk", initial_state=None, output_final_state=False, **kw
+):
+    """The op contract's calling convention around :func:`subquad.ops.nsa`: ``(o, None)``."""
+    if initial_state is not None:
+        raise ValueError(
+            "nsa keeps no recurrent state: initial_state must be None (its memory is the KV cache)"
+        )
+    return ops.nsa(q, k, v, g_cmp, g_slc, g_swa, mode=mode, **kw), None
+
+
+def _nsa_flops(mode: str, dims: Mapping[str, int]) -> int:
+    """Per query head: cmp over ~t / b pooled keys, slc over n b tokens, swa over w tokens,
+    2 (K + V) FLOPs per (query, key) pair (pooling and gathers not counted)."""
+    T, b = dims["T"], dims.get("block_size", 64)
+    n, w = dims.get("block_count", 16), dims.get("window", 512)
+    pairs = (
+        sum(t // b for t in range(T))
+        + sum(min(t + 1, n * b) for t in range(T))
+        + _attention_pairs(T, True, w, 0)
+    )
+    return dims["B"] * dims["H"] * pairs * 2 * (dims["K"] + dims["V"])
+
+
+register(
+    OpSpec(
+        name="nsa",
+        fn=_nsa_op,
+        tensors={
+            **QKV,
+            "g_cmp": TensorSpec(dims=("B", "T", "H"), kind="beta"),
+            "g_slc": TensorSpec(dims=("B", "T", "H"), kind="beta"),
+            "g_swa": TensorSpec(dims=("B", "T", "H"), kind="beta"),
+        },
+        variants=(
+            # the paper's sizes (b = 64, 16 blocks, window 512): what the speed benchmark runs
+            Variant(name="default", positional=("q", "k", "v", "g_cmp", "g_slc", "g_swa"), streaming=False),
+            # small blocks, so that test lengths exercise compression, selection and the window
+            Variant(
+                name="small_blocks",
+                positional=("q", "k", "v", "g_cmp", "g_slc", "g_swa"),
+                kwargs=MappingProxyType({"block_size": 4, "block_count": 3, "window": 8}),
+                streaming=False,
+            ),
+        ),
+        modes=("reference", "chunk"),
+        gate="none",
+        state=(),
+        paper="Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse Attention (2025)",
+        url="https://arxiv.org/abs/2502.11089",
+        summary="o = g_cmp o_cmp(pooled blocks) + g_slc o_slc(top-n blocks by cmp) + g_swa o_swa(window)",
+        flops_per_token=lambda mode, K, V, C: 0,
+        flops=_nsa_flops,
+    )
+)

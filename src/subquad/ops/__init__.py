@@ -5,6 +5,7 @@ from subquad.ops.delta_rule import delta_rule, gated_delta_rule
 from subquad.ops.gla import gla
 from subquad.ops.linear_attn import linear_attn
 from subquad.ops.mom import mom
+from subquad.ops.nsa import nsa
 from subquad.ops.rwkv7 import rwkv7
 from subquad.ops.selective_scan import selective_scan
 from subquad.ops.simple_gla import simple_gla
@@ -19,6 +20,7 @@ __all__ = [
     "gla",
     "linear_attn",
     "mom",
+    "nsa",
     "rwkv7",
     "selective_scan",
     "simple_gla",
