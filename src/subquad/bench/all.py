@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,6 +23,7 @@ from typing import Any
 import torch
 
 from subquad.bench.machine import machine_info
+from subquad.bench.task_report import _mean
 
 PARTS = ("recall", "state", "lm", "speed", "decode")
 
@@ -222,11 +221,6 @@ def _run_decode(cfg: AllConfig, out: Path, progress: bool) -> dict:
 # the report: computed from results.json alone
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return statistics.fmean(xs) if xs else None
-
-
 def _best_by(section: dict) -> dict[tuple[str, str], dict]:
     """``(setting label, mixer) -> {"acc", "state_bytes", "extra": {test name: acc}}`` (seed means)."""
     from subquad.bench.task_report import _setting_label
@@ -245,17 +239,23 @@ def _best_by(section: dict) -> dict[tuple[str, str], dict]:
     return table
 
 
+def _recall(parts: dict):
+    """``(section, threshold, table, settings)`` of the recall part, or None if it did not run."""
+    if "recall" not in parts:
+        return None
+    section = parts["recall"]["sections"][0]
+    table = _best_by(section)
+    return section, section["config"]["threshold"], table, list(dict.fromkeys(s for s, _ in table))
+
+
 def checks(results: dict) -> list[dict]:
     """The effects the literature reports, each evaluated on this run's numbers:
     ``{"claim", "holds": True/False/None (not measured), "evidence"}``."""
     out = []
     parts = results.get("parts", {})
-    recall = parts.get("recall")
+    recall = _recall(parts)
     if recall:
-        section = recall["sections"][0]
-        thr = section["config"]["threshold"]
-        table = _best_by(section)
-        settings = list(dict.fromkeys(s for s, _ in table))
+        section, thr, table, settings = recall
         att = [(s, table.get((s, "attention"), {}).get("acc")) for s in settings]
         if all(a is not None for _, a in att):
             out.append(
@@ -342,12 +342,9 @@ def which_mixer(results: dict) -> list[str]:
     """Recommendations computed from the numbers."""
     lines = []
     parts = results.get("parts", {})
-    recall = parts.get("recall")
+    recall = _recall(parts)
     if recall:
-        section = recall["sections"][0]
-        thr = section["config"]["threshold"]
-        table = _best_by(section)
-        settings = list(dict.fromkeys(s for s, _ in table))
+        section, thr, table, settings = recall
         mixers = list(dict.fromkeys(m for _, m in table))
         solve_all = [
             m for m in mixers if all((table.get((s, m)) or {}).get("acc", 0) >= thr for s in settings)

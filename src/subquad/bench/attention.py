@@ -29,7 +29,6 @@ import json
 import math
 import os
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from subquad.bench.machine import PeakMemory, load_average, machine_info, measure_peak
+from subquad.bench.speed import _time as time_median
 from subquad.ops import attention, attention_decode
 from subquad.ops.attention.estimators import ESTIMATORS, mask_density
 
@@ -177,13 +177,8 @@ def quick_config(**overrides) -> AttentionBenchConfig:
 
 
 def _time(fn, repeats: int) -> float:
-    fn()  # warmup
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds after a warmup (the speed benchmark's timer, on CPU)."""
+    return time_median(fn, repeats, torch.device("cpu"))[0]
 
 
 def _fwd_bwd(fn, leaves):
