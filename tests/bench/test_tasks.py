@@ -63,3 +63,6 @@ def test_presets_and_bad_configs():
         tiny(mixers=("nope",))
     with pytest.raises(ValueError, match="task must be"):
         tiny(task="nope")
+    with pytest.raises(ValueError, match="stop_when"):
+        tiny(stop_when="first")
+    assert state_preset("quick").stop_when == "all"  # extrapolation keeps training past the train length
