@@ -8,9 +8,11 @@ nb = ceil(S / b) blocks, n selected blocks, C query chunk.
   (T * S / b scores: 1/b of dense attention), autograd through it.
 - selection: the group-summed cmp probabilities, the first and own blocks forced, top-n by a
   stable sort (ties to the earlier block, as in the reference); no gradient flows through it.
-- slc: per chunk of C queries, the selected blocks' keys and values are gathered,
-  ``[B, Hk, C, n*b, D]``, and attended with one masked softmax; each chunk runs under activation
-  checkpointing, so the backward recomputes the gather instead of keeping ``T * n * b`` keys.
+- slc: per chunk of C queries, the union of the blocks they selected (U blocks, at most C * n and
+  at most nb) is gathered once, ``[B, Hk, U*b, D]``, and attended with one masked softmax in which
+  each query sees only its own blocks; each chunk runs under activation checkpointing, so the
+  backward recomputes the gather instead of keeping the gathered keys. Cost per chunk C * U * b:
+  between sparse (neighbouring queries agree) and dense (they pick disjoint blocks).
 - swa: the tiled ``attention(window=w)`` when T = S; for a suffix of queries (decoding), one
   masked softmax over the last ``w + T - 1`` keys.
 """
@@ -71,18 +73,31 @@ def _selected_chunk(q, k, v, idx, ok, pos, b, scale):
     B, C, H, K = q.shape
     S, Hk = k.shape[1], k.shape[2]
     G = H // Hk
-    m = idx.shape[-1]
-    tok = (idx.unsqueeze(-1) * b + torch.arange(b, device=q.device)).view(B, Hk, C, m * b)
-    seen = (ok.unsqueeze(-1).expand(B, Hk, C, m, b).reshape(B, Hk, C, m * b)) & (tok <= pos.view(1, 1, C, 1))
-    tok = tok.clamp(max=S - 1)  # the partial last block's missing tokens are hidden by ``seen``
-    flat = tok.reshape(B, Hk, C * m * b, 1)
-    kg = k.transpose(1, 2).gather(2, flat.expand(-1, -1, -1, K)).view(B, Hk, C, m * b, K)
-    vg = v.transpose(1, 2).gather(2, flat.expand(-1, -1, -1, v.shape[-1])).view(B, Hk, C, m * b, -1)
+    nb = -(-S // b)
+    # 1. the union of the blocks any query of the chunk selected, per (batch, key head): neighbouring
+    #    queries mostly pick the same blocks, so one gather serves all C queries and the scores are one
+    #    [G*C, U*b] matmul per head instead of C matrix-vector products over per-query copies
+    sel = torch.zeros(B, Hk, C, nb, dtype=torch.bool, device=q.device)
+    sel.scatter_(-1, idx, ok)  # [B, Hk, C, nb]
+    union = sel.any(2)  # [B, Hk, nb]
+    U = max(1, int(union.sum(-1).max()))
+    uidx = union.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[..., :U]  # [B, Hk, U]
+    uok = union.gather(-1, uidx)
+    # 2. gather the union's keys and values once: [B, Hk, U*b, D]
+    tok = (uidx.unsqueeze(-1) * b + torch.arange(b, device=q.device)).view(B, Hk, U * b)
+    real = tok < S  # the partial last block's missing tokens
+    flat = tok.clamp(max=S - 1).unsqueeze(-1)
+    kg = k.transpose(1, 2).gather(2, flat.expand(-1, -1, -1, K))
+    vg = v.transpose(1, 2).gather(2, flat.expand(-1, -1, -1, v.shape[-1]))
+    # 3. each query sees the union tokens of its own selected blocks, causally
+    mine = sel.gather(-1, uidx.unsqueeze(2).expand(B, Hk, C, U)) & uok.unsqueeze(2)  # [B, Hk, C, U]
+    seen = mine.unsqueeze(-1).expand(B, Hk, C, U, b).reshape(B, Hk, C, U * b)
+    seen = seen & real.unsqueeze(2) & (tok.unsqueeze(2) <= pos.view(1, 1, C, 1))
     qg = q.view(B, C, Hk, G, K).permute(0, 2, 3, 1, 4)  # [B, Hk, G, C, K]
-    s = torch.einsum("bhgck,bhcsk->bhgcs", qg, kg) * scale
+    s = torch.einsum("bhgck,bhsk->bhgcs", qg, kg) * scale
     s = s.masked_fill(~seen.unsqueeze(2), float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
-    o = torch.einsum("bhgcs,bhcsv->bhgcv", p, vg)  # [B, Hk, G, C, V]
+    o = torch.einsum("bhgcs,bhsv->bhgcv", p, vg)  # [B, Hk, G, C, V]
     return o.permute(0, 3, 1, 2, 4).reshape(B, C, H, -1)
 
 
