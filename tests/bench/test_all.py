@@ -131,3 +131,8 @@ def test_presets_and_bad_parts():
         preset("huge")
     with pytest.raises(ValueError, match="parts must be"):
         AllConfig(parts=("recall", "nope"))
+    with pytest.raises(ValueError, match="divides num_layers=2"):
+        LMRace(patterns=("GGGA",), num_layers=2)
+    for name in ("quick", "standard", "paper"):  # every preset's LM patterns fit its depth
+        lm = preset(name).lm
+        assert all(lm.num_layers % len(p) == 0 for p in lm.patterns)

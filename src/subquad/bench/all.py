@@ -32,7 +32,7 @@ PARTS = ("recall", "state", "lm", "speed", "decode")
 class LMRace:
     """The language-model part: each pattern trained for the same wall time on Shakespeare."""
 
-    patterns: tuple[str, ...] = ("A", "N", "GGGA")
+    patterns: tuple[str, ...] = ("A", "N", "GA")
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 2
@@ -43,6 +43,16 @@ class LMRace:
     eval_every: int = 25
     eval_tokens: int = 16384
     lr: float = 2e-3
+
+    def __post_init__(self) -> None:
+        from subquad.layers import PATTERN_LETTERS
+
+        for pattern in self.patterns:
+            if not pattern or self.num_layers % len(pattern) or set(pattern) - set(PATTERN_LETTERS):
+                raise ValueError(
+                    f"each LM pattern must be letters of {sorted(PATTERN_LETTERS)} whose length divides "
+                    f"num_layers={self.num_layers}, got {pattern!r}"
+                )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -79,14 +79,16 @@ def state_preset(name: str, task: str = "parity") -> TaskBenchConfig:
         raise ValueError(f"preset must be quick, standard or paper, got {name!r}")
     train_len = {"quick": 16, "standard": 32, "paper": 40}[name]
     test_lens = {"quick": (64,), "standard": (128, 256), "paper": (256, 512)}[name]
-    steps = {"quick": 400, "standard": 2000, "paper": 10000}[name]
+    # quick: one learning rate (3e-3 beat 1e-3 for every recurrent mixer here; attention fails at both) and
+    # 800 steps, which is when DeltaNet with negative eigenvalues passes 0.99 at 4x the train length
+    steps = {"quick": 800, "standard": 2000, "paper": 10000}[name]
     return TaskBenchConfig(
         task=task,
         settings=({"seq_len": train_len},),
         test_settings=tuple({"seq_len": n} for n in test_lens),
         mixers=STATE_MIXERS,
         num_layers=1 if task == "parity" else 2,
-        lrs=(1e-3, 3e-3),
+        lrs=(3e-3,) if name == "quick" else (1e-3, 3e-3),
         seeds=(0,) if name == "quick" else (0, 1),
         max_steps=steps,
         eval_every=50,
