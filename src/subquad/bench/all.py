@@ -27,6 +27,11 @@ from subquad.bench.task_report import _mean
 
 PARTS = ("recall", "state", "lm", "speed", "decode")
 
+#: per-token accuracy on the longer test sequences above which a state-tracking model "extrapolates"
+#: and below which it "fails" (chance is 0.5 for parity): the training threshold (0.99) is for the
+#: training length; a model that learned the algorithm can still slip on a few of 4x more positions
+EXTRAPOLATES, FAILS = 0.95, 0.75
+
 
 @dataclass(frozen=True, kw_only=True)
 class LMRace:
@@ -39,7 +44,7 @@ class LMRace:
     seq_len: int = 256
     batch_size: int = 16
     vocab_size: int = 2048
-    minutes: float = 1.5
+    minutes: float = 1.25
     eval_every: int = 25
     eval_tokens: int = 16384
     lr: float = 2e-3
@@ -337,9 +342,10 @@ def checks(results: dict) -> list[dict]:
                 out.append(
                     {
                         "claim": "parity extrapolates with negative eigenvalues (beta in (0, 2)) "
-                        "and fails without",
-                        "holds": all(x is not None and x >= thr for _, _, x in neg)
-                        and all(x is not None and x < thr for _, _, x in pos),
+                        f"and fails without (at the longest test length: >= {EXTRAPOLATES} with, "
+                        f"<= {FAILS} without; chance 0.5)",
+                        "holds": all(x is not None and x >= EXTRAPOLATES for _, _, x in neg)
+                        and all(x is not None and x <= FAILS for _, _, x in pos),
                         "evidence": ", ".join(
                             f"{m}: train-length {a:.3f}, {longest} {x:.3f}" for m, a, x in rows
                         ),
@@ -391,14 +397,19 @@ def which_mixer(results: dict) -> list[str]:
             ok = [
                 m
                 for (_, m), v in table.items()
-                if v["extra"] and all(x is not None and x >= thr for x in v["extra"].values())
+                if v["acc"] is not None
+                and v["acc"] >= thr
+                and v["extra"]
+                and all(x is not None and x >= EXTRAPOLATES for x in v["extra"].values())
             ]
             lines.append(
                 f"- **State tracking** ({section['config']['task']}, trained short, tested long): "
                 + (
-                    f"{', '.join(f'`{m}`' for m in ok)} extrapolate."
+                    f"{', '.join(f'`{m}`' for m in ok)} reach {thr} at the training length and "
+                    f">= {EXTRAPOLATES} at every longer one."
                     if ok
-                    else "no mixer extrapolates at this budget."
+                    else f"no mixer reaches {thr} at the training length and {EXTRAPOLATES} beyond it "
+                    "at this budget."
                 )
             )
     lm = parts.get("lm")

@@ -207,12 +207,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
     eval_batches = held_stream.eval_batches(cfg.eval_tokens, cfg.batch_size)
     model.train()
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    # a wall-time limit shows seconds (a race of max_minutes against a nominal max_steps would
+    # otherwise show an ETA of hours); otherwise steps
+    timed = cfg.max_minutes is not None
     bar = tqdm(
-        total=cfg.max_steps,
-        initial=step,
+        total=round(60 * cfg.max_minutes) if timed else cfg.max_steps,
+        initial=round(elapsed) if timed else step,
         disable=not cfg.progress,
         desc=f"train {cfg.layer_pattern}",
-        unit="step",
+        unit="s" if timed else "step",
         dynamic_ncols=True,
     )
     start_step, stop_reason, last = step, "max_steps", {}
@@ -250,8 +253,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         }
         if step % cfg.log_every == 0:
             _append(metrics_path, last)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        bar.update(min(round(elapsed), bar.total) - bar.n if timed else 1)
+        bar.set_postfix(step=step, loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
         out_of_time = cfg.max_minutes is not None and elapsed >= 60 * cfg.max_minutes
         if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
             held = evaluate(model, eval_batches, cfg.bf16)
