@@ -14,7 +14,7 @@ test: setup
 	$(PYTHON) -m pytest -q
 
 bench: setup
-	$(PYTHON) -m subquad bench speed
+	$(PYTHON) -m subquad bench all --preset quick
 
 lint: setup
 	$(PYTHON) -m ruff check src tests
