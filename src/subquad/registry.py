@@ -783,3 +783,46 @@ register(
         flops=_nsa_flops,
     )
 )
+
+
+def _routing_op(q, k, v, centroids, *, mode="chunk", initial_state=None, output_final_state=False, **kw):
+    """The op contract's calling convention around :func:`subquad.ops.routing_attention`: ``(o, None)``."""
+    if initial_state is not None:
+        raise ValueError("routing_attention keeps no recurrent state: initial_state must be None")
+    return ops.routing_attention(q, k, v, centroids, mode=mode, **kw), None
+
+
+def _routing_flops(mode: str, dims: Mapping[str, int]) -> int:
+    """Per query head, balanced clusters: each query scores ~t / M earlier keys plus its own;
+    2 (K + V) FLOPs per (query, key) pair (routing and gathers not counted)."""
+    T, M = dims["T"], dims.get("M", 8)
+    return dims["B"] * dims["H"] * (T * (T + 1) // (2 * M) + T) * 2 * (dims["K"] + dims["V"])
+
+
+register(
+    OpSpec(
+        name="routing_attention",
+        fn=_routing_op,
+        tensors={**QKV, "centroids": TensorSpec(dims=("H", "M", "K"), kind="qk")},
+        variants=(
+            # 8 clusters: what the speed benchmark runs (about 1/8 of causal attention's pairs)
+            Variant(name="default", positional=("q", "k", "v", "centroids"), streaming=False),
+            # 3 clusters: larger clusters at test lengths
+            Variant(
+                name="few_clusters",
+                positional=("q", "k", "v", "centroids"),
+                fixed_dims=MappingProxyType({"M": 3}),
+                streaming=False,
+            ),
+        ),
+        modes=("reference", "chunk"),
+        gate="none",
+        state=(),
+        fixed_dims=MappingProxyType({"M": 8}),
+        paper="Efficient Content-Based Sparse Attention with Routing Transformers (2021)",
+        url="https://arxiv.org/abs/2003.05997",
+        summary="o_t = softmax attention over keys s <= t in q_t's k-means cluster (plus its own key)",
+        flops_per_token=lambda mode, K, V, C: 0,
+        flops=_routing_flops,
+    )
+)

@@ -78,6 +78,13 @@ def assert_close(
         )
 
 
+def is_timed(spec: OpSpec, name: str) -> bool:
+    """Whether input ``name`` of ``spec`` runs along time (dim 1 is ``T``), so that cutting a
+    sequence cuts it too; per-head parameters (a decay ``[H]``, centroids ``[H, M, K]``) pass whole."""
+    dims = spec.tensors[name].dims
+    return len(dims) > 1 and dims[1] == "T"
+
+
 def differentiable_inputs(
     spec: OpSpec, variant: Variant, *, with_state: bool = True, N: int | None = None, **dims
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from subquad.registry import list_ops
-from subquad.testing import assert_close, differentiable_inputs, run_with_grads
+from subquad.testing import assert_close, differentiable_inputs, is_timed, run_with_grads
 
 CASES = [(spec, var) for spec in list_ops() for var in spec.variants]
 MODE_CASES = [
@@ -82,7 +82,7 @@ def test_streaming_split_equals_one_call(spec, var, mode, splits, device):
     bounds = [0, *splits, T]
     outs, carried = [], state
     for a, b in itertools.pairwise(bounds):
-        piece = {n: (t[:, a:b] if t.dim() >= 3 else t) for n, t in inputs.items()}
+        piece = {n: (t[:, a:b] if is_timed(spec, n) else t) for n, t in inputs.items()}
         o, carried = spec.call(
             piece, var, mode=mode, initial_state=carried, output_final_state=True, chunk_size=16
         )
@@ -106,7 +106,7 @@ def test_packed_sequences_equal_separate_calls(spec, var, mode, device):
     # the same through one call per sequence, gradients flowing to the same leaves
     outs, finals = [], []
     for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
-        piece = {n: (t[:, a:b] if t.dim() >= 3 else t) for n, t in inputs.items()}
+        piece = {n: (t[:, a:b] if is_timed(spec, n) else t) for n, t in inputs.items()}
         piece_state = None if state is None else state[i : i + 1]
         o, s = spec.call(
             piece, var, mode=mode, initial_state=piece_state, output_final_state=True, chunk_size=8

@@ -6,6 +6,7 @@ from subquad.ops.gla import gla
 from subquad.ops.linear_attn import linear_attn
 from subquad.ops.mom import mom
 from subquad.ops.nsa import nsa
+from subquad.ops.routing import routing_attention
 from subquad.ops.rwkv7 import rwkv7
 from subquad.ops.selective_scan import selective_scan
 from subquad.ops.simple_gla import simple_gla
@@ -21,6 +22,7 @@ __all__ = [
     "linear_attn",
     "mom",
     "nsa",
+    "routing_attention",
     "rwkv7",
     "selective_scan",
     "simple_gla",
