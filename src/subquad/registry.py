@@ -826,3 +826,55 @@ register(
         flops=_routing_flops,
     )
 )
+
+
+def _hyper_op(q, k, v, *, mode="chunk", initial_state=None, output_final_state=False, **kw):
+    """The op contract's calling convention around :func:`subquad.ops.hyper_attention`: ``(o, None)``."""
+    if initial_state is not None:
+        raise ValueError("hyper_attention keeps no recurrent state: initial_state must be None")
+    return ops.hyper_attention(q, k, v, mode=mode, **kw), None
+
+
+def _hyper_flops(mode: str, dims: Mapping[str, int]) -> int:
+    """Per query head and recursion level, the second half's queries score one block and the samples
+    (b + m keys); pieces of at most min_seq_len are exact causal; 2 (K + V) FLOPs per pair."""
+    b, m, low = dims.get("block_size", 64), dims.get("num_samples", 64), dims.get("min_seq_len", 256)
+
+    def pairs(T: int) -> int:
+        if T <= low:
+            return T * (T + 1) // 2
+        h = T // 2
+        return pairs(h) + pairs(T - h) + (T - h) * (min(b, h) + m)
+
+    return dims["B"] * dims["H"] * pairs(dims["T"]) * 2 * (dims["K"] + dims["V"])
+
+
+_HYPER_SMALL = MappingProxyType({"block_size": 4, "num_samples": 3, "lsh_bits": 3, "min_seq_len": 8})
+
+register(
+    OpSpec(
+        name="hyper_attention",
+        fn=_hyper_op,
+        tensors=dict(QKV),
+        variants=(
+            # the paper's sizes (block 64, 64 samples, exact below 256 tokens): the speed benchmark's
+            Variant(name="default", positional=("q", "k", "v"), streaming=False),
+            # small blocks and pieces, so that test lengths exercise hashing, sampling and recursion
+            Variant(name="small", positional=("q", "k", "v"), kwargs=_HYPER_SMALL, streaming=False),
+            Variant(
+                name="non_causal",
+                positional=("q", "k", "v"),
+                kwargs=MappingProxyType({**_HYPER_SMALL, "causal": False}),
+                streaming=False,
+            ),
+        ),
+        modes=("reference", "chunk"),
+        gate="none",
+        state=(),
+        paper="HyperAttention: Long-context Attention in Near-Linear Time (2023)",
+        url="https://arxiv.org/abs/2310.05869",
+        summary="o = exact attention within sortLSH blocks + sampled keys for the rest; causal by recursion",
+        flops_per_token=lambda mode, K, V, C: 0,
+        flops=_hyper_flops,
+    )
+)

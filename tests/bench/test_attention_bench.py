@@ -40,10 +40,14 @@ def test_bench_runs_every_section(tmp_path):
     cfg = quick_config(
         heads=2, head_dim=16, exact_lens=(256,), memory_lens=(256,), T=512, decode_len=512, block_size=64,
         window=64, repeats=1, estimators={"quest": {"topk": 3}, "xattention": {"stride": 8}},
+        hyper={"block_size": 32, "num_samples": 32, "min_seq_len": 128}, routing_clusters=4,
     )  # fmt: skip
     result = run_attention_bench(cfg, progress=False)
     sections = {r["section"] for r in result["rows"]}
-    assert sections == {"exact", "memory", "decode", "dense", "window", "sparse"}
+    assert sections == {"exact", "memory", "decode", "dense", "window", "sparse", "approx"}
+    approx = {r["method"]: r for r in result["rows"] if r["section"] == "approx"}
+    assert set(approx) == {"hyper", "routing"}
+    assert all(0 <= r["rel_err"] < 2 and r["fwd_speedup_vs_sdpa"] > 0 for r in approx.values())
     sparse = {r["method"]: r for r in result["rows"] if r["section"] == "sparse"}
     assert set(sparse) == {"quest", "xattention", "random"}
     for r in sparse.values():

@@ -13,6 +13,9 @@ Rows (all float32, B=1, H heads, D head dim, ``torch.set_num_threads(threads)``)
   baseline), the time to estimate the mask, the block-sparse attention's time with it (forward
   and fwd+bwd), the kept fraction of the visible blocks, and the relative error of its output
   against full causal attention, ``||o - o_full|| / ||o_full||``.
+- ``approx``: at ``T``, HyperAttention (``hyper`` settings) and routing attention
+  (``routing_clusters`` centroids from five k-means steps on the input's queries and keys), time
+  and relative error against full causal attention.
 
 Inputs are *structured* (see :func:`structured_qkv`): every query has a few strong matches (a
 referenced span in retrieval heads, one diagonal in copy heads, sink columns in all) over weak
@@ -38,8 +41,9 @@ from tqdm.auto import tqdm
 
 from subquad.bench.machine import PeakMemory, load_average, machine_info, measure_peak
 from subquad.bench.speed import _time as time_median
-from subquad.ops import attention, attention_decode
+from subquad.ops import attention, attention_decode, hyper_attention, routing_attention
 from subquad.ops.attention.estimators import ESTIMATORS, mask_density
+from subquad.ops.routing import update_centroids
 
 
 def structured_qkv(
@@ -135,6 +139,10 @@ class AttentionBenchConfig:
         }
     )
     random_density: float = 0.1
+    hyper: dict[str, Any] = field(
+        default_factory=lambda: {"block_size": 256, "num_samples": 256, "lsh_bits": 6, "min_seq_len": 1024}
+    )
+    routing_clusters: int = 16
     backward: bool = True
     repeats: int = 5
     threads: int | None = None
@@ -219,7 +227,7 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
         torch.set_num_threads(cfg.threads)
     probe = PeakMemory(torch.device("cpu"))
     rows: list[dict] = []
-    steps = len(cfg.exact_lens) + len(cfg.memory_lens) + 2 + 2 * (len(cfg.estimators) + 1)  # progress units
+    steps = len(cfg.exact_lens) + len(cfg.memory_lens) + 2 * len(cfg.estimators) + 5  # progress units
     bar = tqdm(total=steps, disable=not progress, desc="bench attention", unit="step")
 
     def step(label):
@@ -331,6 +339,24 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
             row["rel_err"] = _rel_err(fn(), full)
         rows.append(row)
         step(f"sparse {name}")
+    # approximate attention ops: HyperAttention at cfg.hyper; routing with centroids from 5 k-means
+    # (Lloyd) steps on this input's queries and keys, as a trained layer's EMA would settle on
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(cfg.seed)
+        mu = torch.randn(cfg.heads, cfg.routing_clusters, cfg.head_dim, generator=g)
+        for _ in range(5):
+            mu = update_centroids(mu, q, k, decay=0.0)
+    approx = {
+        "hyper": (lambda: hyper_attention(q, k, v, **cfg.hyper), dict(cfg.hyper)),
+        "routing": (lambda: routing_attention(q, k, v, mu), {"clusters": cfg.routing_clusters}),
+    }
+    for name, (fn, kwargs) in approx.items():
+        row = {"section": "approx", "method": name, "T": T, "settings": kwargs}
+        row.update(_timed_pair(fn, [q, k, v], cfg))
+        with torch.no_grad():
+            row["rel_err"] = _rel_err(fn(), full)
+        rows.append(row)
+        step(f"approx {name}")
     bar.close()
     _ratios(rows)
     return {
@@ -350,7 +376,7 @@ def _ratios(rows: list[dict]) -> None:
         if r["method"] == "sdpa":
             sdpa[(r["section"], r["T"])] = r
             if r["section"] == "dense":
-                sdpa[("window", r["T"])] = sdpa[("sparse", r["T"])] = r
+                sdpa[("window", r["T"])] = sdpa[("sparse", r["T"])] = sdpa[("approx", r["T"])] = r
     for r in rows:
         base = sdpa.get((r["section"], r["T"]))
         if base is None or r is base:
@@ -416,7 +442,7 @@ def format_table(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["section"] in ("dense", "window", "sparse"):
+        if r["section"] in ("dense", "window", "sparse", "approx"):
             settings = ", ".join(f"{k}={v}" for k, v in (r.get("settings") or {}).items())
             out.append(
                 f"| {r['method']} | {settings} | {_f(r.get('density'), '.3f')} "
@@ -438,7 +464,9 @@ def plot(result: dict, path: str) -> str | None:
     except ImportError:
         return None
     rows = [
-        r for r in result["rows"] if r["section"] in ("window", "sparse") and r.get("fwd_speedup_vs_sdpa")
+        r
+        for r in result["rows"]
+        if r["section"] in ("window", "sparse", "approx") and r.get("fwd_speedup_vs_sdpa")
     ]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for r in rows:

@@ -201,6 +201,8 @@ def _plot(section: dict, out_dir: Path) -> str | None:
     except ImportError:
         return None
     cfg, best = section["config"], section["best"]
+    if cfg.get("test_settings") and all("seq_len" in t for t in cfg["test_settings"]):
+        return _plot_lengths(section, out_dir, plt)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     settings = list(dict.fromkeys(_setting_label(r["setting"]) for r in best))
     markers = "osD^v<>p*h"
@@ -222,6 +224,39 @@ def _plot(section: dict, out_dir: Path) -> str | None:
     ax.set_title(f"{cfg['task']}: accuracy vs state size")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path = out_dir / f"{cfg['task']}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def _plot_lengths(section: dict, out_dir: Path, plt) -> str:
+    """Length generalisation: accuracy at the training length and at each longer test length, one
+    line per mixer (and training setting)."""
+    cfg, best = section["config"], section["best"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    settings = list(dict.fromkeys(_setting_label(r["setting"]) for r in best))
+    for setting in settings:
+        for mixer in dict.fromkeys(r["mixer"] for r in best):
+            rs = [r for r in best if r["mixer"] == mixer and _setting_label(r["setting"]) == setting]
+            if not rs:
+                continue
+            xs = [rs[0]["setting"]["seq_len"]]
+            ys = [_mean([r["accuracy"] for r in rs])]
+            for extra in cfg["test_settings"]:
+                key = "test_" + "_".join(f"{k}{v}" for k, v in extra.items())
+                xs.append(extra["seq_len"])
+                ys.append(_mean([r["best"].get(key) for r in rs]))
+            label = mixer if len(settings) == 1 else f"{mixer} ({setting})"
+            ax.plot(xs, ys, marker="o", label=label)
+    ax.axhline(cfg["threshold"], color="gray", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (first point: the training length)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{cfg['task']}: accuracy vs sequence length (trained short, tested long)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path = out_dir / f"{cfg['task']}.png"
     fig.savefig(path, dpi=120)

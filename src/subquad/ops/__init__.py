@@ -3,6 +3,7 @@
 from subquad.ops.attention import attention, attention_decode
 from subquad.ops.delta_rule import delta_rule, gated_delta_rule
 from subquad.ops.gla import gla
+from subquad.ops.hyper import hyper_attention
 from subquad.ops.linear_attn import linear_attn
 from subquad.ops.mom import mom
 from subquad.ops.nsa import nsa
@@ -19,6 +20,7 @@ __all__ = [
     "delta_rule",
     "gated_delta_rule",
     "gla",
+    "hyper_attention",
     "linear_attn",
     "mom",
     "nsa",
