@@ -340,10 +340,12 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
         rows.append(row)
         step(f"sparse {name}")
     # approximate attention ops: HyperAttention at cfg.hyper; routing with centroids from 5 k-means
-    # (Lloyd) steps on this input's queries and keys, as a trained layer's EMA would settle on
+    # (Lloyd) steps on this input's queries and keys, started from randomly drawn queries/keys (random
+    # Gaussian starts leave most clusters empty), as a trained layer's EMA would settle on
     with torch.no_grad():
         g = torch.Generator().manual_seed(cfg.seed)
-        mu = torch.randn(cfg.heads, cfg.routing_clusters, cfg.head_dim, generator=g)
+        pick = torch.randint(0, 2 * T, (cfg.routing_clusters,), generator=g)
+        mu = torch.cat([q, k], 1)[0, pick].transpose(0, 1).contiguous()  # [H, M, D]
         for _ in range(5):
             mu = update_centroids(mu, q, k, decay=0.0)
     approx = {

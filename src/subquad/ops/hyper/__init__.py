@@ -119,6 +119,7 @@ def hyper_attention(
                 block=block_size,
                 samples=num_samples,
                 min_len=min_seq_len,
+                exact=core.exact_causal if mode == "reference" else core.tiled_causal,
             )
         else:
             planes, idx = core.draws(seed, 0, q_.shape[1], k_.shape[1], H, K, lsh_bits, num_samples, q.device)

@@ -71,37 +71,40 @@ def dense_piece(q, k, v, scale, planes, idx, block):
 def blocked_piece(q, k, v, scale, planes, idx, block):
     """The same estimate computed in O(Tq * (bk + m)): queries and keys sorted by bucket and cut into
     n blocks, one batched matmul per block, plus every query against the m sampled keys with the
-    sampled keys of its own block masked out (they are already counted exactly)."""
+    sampled keys of its own block masked out (they are already counted exactly). Everything is
+    computed in sorted query order, with one exponential pass, and put back in order at the end."""
     B, Tq, H, K = q.shape
     Tk, Vd, m = k.shape[1], v.shape[-1], idx.shape[-1]
-    bid_q, bid_k, oq, ok, (n, bq, bk) = sorted_blocks(q, k, planes, block)
+    _, bid_k, oq, ok, (n, bq, bk) = sorted_blocks(q, k, planes, block)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-    # 1. block-diagonal part in sorted order, padded to n * bq queries and n * bk keys
-    pad_q, pad_k = n * bq - Tq, n * bk - Tk
-    oq_p = torch.nn.functional.pad(oq, (0, pad_q))
-    ok_p = torch.nn.functional.pad(ok, (0, pad_k))
+    # 1. queries and keys in sorted order, padded to n * bq and n * bk (padding masked / dropped)
+    oq_p = torch.nn.functional.pad(oq, (0, n * bq - Tq))
+    ok_p = torch.nn.functional.pad(ok, (0, n * bk - Tk))
     qs = qh.gather(2, oq_p.unsqueeze(-1).expand(-1, -1, -1, K)).view(B, H, n, bq, K)
     ks = kh.gather(2, ok_p.unsqueeze(-1).expand(-1, -1, -1, K)).view(B, H, n, bk, K)
     vs = vh.gather(2, ok_p.unsqueeze(-1).expand(-1, -1, -1, Vd)).view(B, H, n, bk, Vd)
     real_k = (torch.arange(n * bk, device=q.device) < Tk).view(n, 1, bk)
     s_blk = torch.einsum("bhnqk,bhnsk->bhnqs", qs, ks) * scale
-    s_blk = s_blk.masked_fill(~real_k, -math.inf)
-    # 2. sampled keys, weight Tk / m each, except where the key is in the query's block
+    s_blk = s_blk.masked_fill(~real_k, -math.inf)  # [B, H, n, bq, bk]
+    # 2. sampled keys, weight Tk / m each (log added to the score), except inside the query's block
     ksm = kh.gather(2, idx[None, :, :, None].expand(B, -1, -1, K))  # [B, H, m, K]
     vsm = vh.gather(2, idx[None, :, :, None].expand(B, -1, -1, Vd))
-    s_smp = torch.einsum("bhqk,bhsk->bhqs", qh, ksm) * scale + math.log(Tk / m)  # [B, H, Tq, m]
-    in_block = bid_q.unsqueeze(-1) == bid_k.gather(-1, idx[None].expand(B, -1, -1)).unsqueeze(-2)
-    s_smp = s_smp.masked_fill(in_block, -math.inf)
-    # 3. one normaliser over both parts, per query in original order
-    s_blk_q = s_blk.view(B, H, n * bq, bk)
+    s_smp = torch.einsum("bhnqk,bhsk->bhnqs", qs, ksm) * scale + math.log(Tk / m)  # [B, H, n, bq, m]
+    smp_block = bid_k.gather(-1, idx[None].expand(B, -1, -1))  # [B, H, m]
+    own = torch.arange(n, device=q.device).view(1, 1, n, 1, 1) == smp_block[:, :, None, None, :]
+    s_smp = s_smp.masked_fill(own, -math.inf)
+    # 3. one normaliser over both parts, one exponential pass
+    mx = torch.maximum(s_blk.amax(-1, keepdim=True), s_smp.amax(-1, keepdim=True))
+    mx = mx.clamp(min=torch.finfo(mx.dtype).min)  # padded query slots may see nothing; dropped below
+    e_blk, e_smp = torch.exp(s_blk - mx), torch.exp(s_smp - mx)
+    z = e_blk.sum(-1) + e_smp.sum(-1)  # [B, H, n, bq]
+    num = torch.einsum("bhnqs,bhnsv->bhnqv", e_blk, vs) + torch.einsum("bhnqs,bhsv->bhnqv", e_smp, vsm)
+    o = (num / z.clamp(min=torch.finfo(z.dtype).tiny).unsqueeze(-1)).reshape(B, H, n * bq, Vd)
+    lse = (mx.squeeze(-1) + z.log()).reshape(B, H, n * bq)
+    # 4. back to query order
     inv = torch.empty_like(oq).scatter_(-1, oq, torch.arange(Tq, device=q.device).expand_as(oq))
-    s_blk_q = s_blk_q.gather(2, inv.unsqueeze(-1).expand(-1, -1, -1, bk))  # [B, H, Tq, bk]
-    lse = torch.logsumexp(torch.cat([s_blk_q, s_smp], -1), -1)  # [B, H, Tq]
-    p_blk = torch.exp(s_blk - lse.gather(2, oq_p.clamp(max=Tq - 1)).view(B, H, n, bq, 1))
-    o_blk = torch.einsum("bhnqs,bhnsv->bhnqv", p_blk, vs).reshape(B, H, n * bq, Vd)
-    o_blk = o_blk.gather(2, inv.unsqueeze(-1).expand(-1, -1, -1, Vd))  # back to query order
-    o_smp = torch.einsum("bhqs,bhsv->bhqv", torch.exp(s_smp - lse.unsqueeze(-1)), vsm)
-    return (o_blk + o_smp).transpose(1, 2), lse.transpose(1, 2)
+    o = o.gather(2, inv.unsqueeze(-1).expand(-1, -1, -1, Vd))
+    return o.transpose(1, 2), lse.gather(2, inv).transpose(1, 2)
 
 
 def exact_causal(q, k, v, scale):
@@ -109,9 +112,11 @@ def exact_causal(q, k, v, scale):
     T = q.shape[1]
     s = torch.einsum("bqhk,bshk->bhqs", q, k) * scale
     s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), -math.inf)
-    lse = torch.logsumexp(s, -1)
-    o = torch.einsum("bhqs,bshv->bqhv", torch.exp(s - lse.unsqueeze(-1)), v)
-    return o, lse.transpose(1, 2)
+    m = s.amax(-1, keepdim=True)  # the diagonal is always visible: finite
+    e = torch.exp(s - m)  # one exponential pass, shared by the normaliser and the output
+    z = e.sum(-1)
+    o = torch.einsum("bhqs,bshv->bqhv", e, v) / z.transpose(1, 2).unsqueeze(-1)
+    return o, (m.squeeze(-1) + z.log()).transpose(1, 2)
 
 
 def merge(o1, l1, o2, l2):
@@ -120,13 +125,22 @@ def merge(o1, l1, o2, l2):
     return torch.exp(l1 - lse).unsqueeze(-1) * o1 + torch.exp(l2 - lse).unsqueeze(-1) * o2, lse
 
 
-def causal(q, k, v, scale, piece, *, seed, bits, block, samples, min_len, offset=0):
+def tiled_causal(q, k, v, scale):
+    """Exact causal attention of a diagonal piece by the tiled (FlashAttention-style) op, with its
+    log-sum-exp: what the fast mode uses for the same numbers as :func:`exact_causal`."""
+    from subquad.ops.attention import attention
+
+    o, lse = attention(q, k, v, scale=scale, return_lse=True)
+    return o, lse.to(o.dtype)
+
+
+def causal(q, k, v, scale, piece, *, seed, bits, block, samples, min_len, offset=0, exact=exact_causal):
     """The paper's causal recursion: the causal attention of [0, T) is the causal attention of each
     half plus the non-causal estimate of the second half's queries over the first half's keys,
-    merged by log-sum-exp; pieces of at most ``min_len`` are exact."""
+    merged by log-sum-exp; pieces of at most ``min_len`` are exact (``exact``)."""
     T, H, K = q.shape[1], q.shape[2], q.shape[3]
     if T <= min_len:
-        return exact_causal(q, k, v, scale)
+        return exact(q, k, v, scale)
     h = T // 2
     o1, l1 = causal(
         q[:, :h],
@@ -140,6 +154,7 @@ def causal(q, k, v, scale, piece, *, seed, bits, block, samples, min_len, offset
         samples=samples,
         min_len=min_len,
         offset=offset,
+        exact=exact,
     )
     o2, l2 = causal(
         q[:, h:],
@@ -153,6 +168,7 @@ def causal(q, k, v, scale, piece, *, seed, bits, block, samples, min_len, offset
         samples=samples,
         min_len=min_len,
         offset=offset + h,
+        exact=exact,
     )
     planes, idx = draws(seed, offset, T - h, h, H, K, bits, samples, q.device)
     o3, l3 = piece(q[:, h:], k[:, :h], v[:, :h], scale, planes, idx, block)
