@@ -160,8 +160,15 @@ def _cases(cfg: SpeedConfig):
 
 
 def _default_chunk_size(spec) -> int:
-    param = inspect.signature(spec.fn).parameters.get("chunk_size")
-    return param.default if param is not None and isinstance(param.default, int) else 64
+    """The chunk size a user gets by not passing one: the registry function's default, else that of
+    the public op it wraps (a wrapper taking ``**kwargs`` has none of its own), else 64."""
+    from subquad import ops
+
+    for fn in (spec.fn, getattr(ops, spec.name, None)):
+        param = inspect.signature(fn).parameters.get("chunk_size") if fn is not None else None
+        if param is not None and isinstance(param.default, int):
+            return param.default
+    return 64
 
 
 def _limit(cfg: SpeedConfig, mode: str, backward: bool) -> tuple[int, str]:
