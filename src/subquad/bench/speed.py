@@ -139,7 +139,8 @@ def _backward_fn(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor]
     def run():
         o = forward()
         do = torch.ones_like(o)
-        return torch.autograd.grad((o * do).sum(), leaves)
+        # allow_unused: inputs with no gradient by definition (routing centroids) are still inputs
+        return torch.autograd.grad((o * do).sum(), leaves, allow_unused=True)
 
     return run
 
