@@ -662,14 +662,20 @@ register(
 )
 
 
-def _attention_op(q, k, v, *, mode="chunk", initial_state=None, output_final_state=False, **kwargs):
-    """The op contract's calling convention around :func:`subquad.ops.attention` (which returns
-    ``o`` alone): ``(o, None)``; there is no recurrent state to pass in or out."""
-    if initial_state is not None:
-        raise ValueError(
-            "attention keeps no recurrent state: initial_state must be None (its memory is the KV cache)"
-        )
-    return ops.attention(q, k, v, mode=mode, **kwargs), None
+def _stateless(op_name: str):
+    """The op contract's calling convention around a softmax-attention op of ``subquad.ops``, which
+    returns ``o`` alone: ``(o, None)``; there is no recurrent state to pass in or out (its memory is
+    the KV cache)."""
+
+    def call(*tensors, mode="chunk", initial_state=None, output_final_state=False, **kwargs):
+        if initial_state is not None:
+            raise ValueError(
+                f"{op_name} keeps no recurrent state: initial_state must be None (its memory is the KV cache)"
+            )
+        return getattr(ops, op_name)(*tensors, mode=mode, **kwargs), None
+
+    call.__name__ = call.__qualname__ = f"{op_name}_op"
+    return call
 
 
 def _attention_pairs(T: int, causal: bool, window: int | None, sinks: int) -> int:
@@ -693,7 +699,7 @@ def _attention_flops(mode: str, dims: Mapping[str, int]) -> int:
 register(
     OpSpec(
         name="attention",
-        fn=_attention_op,
+        fn=_stateless("attention"),
         tensors=QKV,
         variants=(
             Variant(name="default", positional=("q", "k", "v"), streaming=False),
@@ -728,17 +734,6 @@ register(
 )
 
 
-def _nsa_op(
-    q, k, v, g_cmp, g_slc, g_swa, *, mode="chunk", initial_state=None, output_final_state=False, **kw
-):
-    """The op contract's calling convention around :func:`subquad.ops.nsa`: ``(o, None)``."""
-    if initial_state is not None:
-        raise ValueError(
-            "nsa keeps no recurrent state: initial_state must be None (its memory is the KV cache)"
-        )
-    return ops.nsa(q, k, v, g_cmp, g_slc, g_swa, mode=mode, **kw), None
-
-
 def _nsa_flops(mode: str, dims: Mapping[str, int]) -> int:
     """Per query head: cmp over ~t / b pooled keys, slc over n b tokens, swa over w tokens,
     2 (K + V) FLOPs per (query, key) pair (pooling and gathers not counted)."""
@@ -755,7 +750,7 @@ def _nsa_flops(mode: str, dims: Mapping[str, int]) -> int:
 register(
     OpSpec(
         name="nsa",
-        fn=_nsa_op,
+        fn=_stateless("nsa"),
         tensors={
             **QKV,
             "g_cmp": TensorSpec(dims=("B", "T", "H"), kind="beta"),
@@ -785,13 +780,6 @@ register(
 )
 
 
-def _routing_op(q, k, v, centroids, *, mode="chunk", initial_state=None, output_final_state=False, **kw):
-    """The op contract's calling convention around :func:`subquad.ops.routing_attention`: ``(o, None)``."""
-    if initial_state is not None:
-        raise ValueError("routing_attention keeps no recurrent state: initial_state must be None")
-    return ops.routing_attention(q, k, v, centroids, mode=mode, **kw), None
-
-
 def _routing_flops(mode: str, dims: Mapping[str, int]) -> int:
     """Per query head, balanced clusters: each query scores ~t / M earlier keys plus its own;
     2 (K + V) FLOPs per (query, key) pair (routing and gathers not counted)."""
@@ -802,7 +790,7 @@ def _routing_flops(mode: str, dims: Mapping[str, int]) -> int:
 register(
     OpSpec(
         name="routing_attention",
-        fn=_routing_op,
+        fn=_stateless("routing_attention"),
         tensors={**QKV, "centroids": TensorSpec(dims=("H", "M", "K"), kind="qk")},
         variants=(
             # 8 clusters: what the speed benchmark runs (about 1/8 of causal attention's pairs)
@@ -828,13 +816,6 @@ register(
 )
 
 
-def _hyper_op(q, k, v, *, mode="chunk", initial_state=None, output_final_state=False, **kw):
-    """The op contract's calling convention around :func:`subquad.ops.hyper_attention`: ``(o, None)``."""
-    if initial_state is not None:
-        raise ValueError("hyper_attention keeps no recurrent state: initial_state must be None")
-    return ops.hyper_attention(q, k, v, mode=mode, **kw), None
-
-
 def _hyper_flops(mode: str, dims: Mapping[str, int]) -> int:
     """Per query head and recursion level, the second half's queries score one block and the samples
     (b + m keys); pieces of at most min_seq_len are exact causal; 2 (K + V) FLOPs per pair."""
@@ -854,7 +835,7 @@ _HYPER_SMALL = MappingProxyType({"block_size": 4, "num_samples": 3, "lsh_bits": 
 register(
     OpSpec(
         name="hyper_attention",
-        fn=_hyper_op,
+        fn=_stateless("hyper_attention"),
         tensors=dict(QKV),
         variants=(
             # the paper's sizes (block 64, 64 samples, exact below 256 tokens): the speed benchmark's

@@ -116,6 +116,12 @@ def check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
+def check_positive_int(name: str, x: object) -> None:
+    """An int >= 1 (not a bool), else ValueError naming ``name``."""
+    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {x!r}")
+
+
 def resolve_scale(scale: float | None, K: int) -> float:
     if scale is None:
         return K**-0.5

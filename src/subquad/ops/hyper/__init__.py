@@ -20,11 +20,6 @@ from subquad.ops.hyper import core
 MODES = ("reference", "chunk")
 
 
-def _positive_int(name: str, x: object) -> None:
-    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {x!r}")
-
-
 @autocast_exempt
 def hyper_attention(
     q: torch.Tensor,
@@ -92,7 +87,7 @@ def hyper_attention(
         ("lsh_bits", lsh_bits),
         ("min_seq_len", min_seq_len),
     ):
-        _positive_int(name, x)
+        val.check_positive_int(name, x)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
     val.check_mode(mode, MODES)

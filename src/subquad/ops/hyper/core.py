@@ -142,34 +142,9 @@ def causal(q, k, v, scale, piece, *, seed, bits, block, samples, min_len, offset
     if T <= min_len:
         return exact(q, k, v, scale)
     h = T // 2
-    o1, l1 = causal(
-        q[:, :h],
-        k[:, :h],
-        v[:, :h],
-        scale,
-        piece,
-        seed=seed,
-        bits=bits,
-        block=block,
-        samples=samples,
-        min_len=min_len,
-        offset=offset,
-        exact=exact,
-    )
-    o2, l2 = causal(
-        q[:, h:],
-        k[:, h:],
-        v[:, h:],
-        scale,
-        piece,
-        seed=seed,
-        bits=bits,
-        block=block,
-        samples=samples,
-        min_len=min_len,
-        offset=offset + h,
-        exact=exact,
-    )
+    same = dict(seed=seed, bits=bits, block=block, samples=samples, min_len=min_len, exact=exact)
+    o1, l1 = causal(q[:, :h], k[:, :h], v[:, :h], scale, piece, offset=offset, **same)
+    o2, l2 = causal(q[:, h:], k[:, h:], v[:, h:], scale, piece, offset=offset + h, **same)
     planes, idx = draws(seed, offset, T - h, h, H, K, bits, samples, q.device)
     o3, l3 = piece(q[:, h:], k[:, :h], v[:, :h], scale, planes, idx, block)
     o2, l2 = merge(o2, l2, o3, l3)

@@ -19,11 +19,6 @@ from subquad.ops.nsa.reference import reference_nsa
 MODES = ("reference", "chunk")
 
 
-def _positive_int(name: str, x: object) -> None:
-    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {x!r}")
-
-
 @autocast_exempt
 def nsa(
     q: torch.Tensor,
@@ -88,7 +83,7 @@ def nsa(
     for name, g in gates.items():
         val.check_shape(name, g, (B, T, H), "[B, T, H]")
     for name, x in (("block_size", block_size), ("block_count", block_count), ("window", window)):
-        _positive_int(name, x)
+        val.check_positive_int(name, x)
     val.check_mode(mode, MODES)
     val.check_chunk_size(chunk_size)
     scale = val.resolve_scale(scale, K)
