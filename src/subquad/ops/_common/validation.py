@@ -116,6 +116,37 @@ def check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
+def check_grouped_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, *, keys: str = "same"
+) -> tuple[int, int, int, int, int, int]:
+    """Shapes of softmax-style attention inputs with grouped key/value heads: q ``[B, T, H, K]``,
+    k ``[B, S, Hk, K]``, v ``[B, S, Hk, V]`` (optional), Hk dividing H, T, K, V >= 1. ``keys`` says
+    what S may be: ``"same"`` (S = T), ``"suffix"`` (S >= T: the queries are the last T positions) or
+    ``"any"`` (S >= 1). Returns ``(B, T, S, H, Hk, K)``."""
+    rule = {"same": "T", "suffix": "S >= T", "any": "S"}[keys]
+    letter = "T" if keys == "same" else "S"
+    check_tensor("q", q, 4, "[B, T, H, K]")
+    check_tensor("k", k, 4, f"[B, {letter}, Hk, K]")
+    if v is not None:
+        check_tensor("v", v, 4, f"[B, {letter}, Hk, V]")
+    B, T, H, K = q.shape
+    S, Hk = k.shape[1], k.shape[2]
+    if T == 0 or K == 0:
+        raise ValueError(f"q must have T >= 1 and K >= 1, got shape {list(q.shape)}")
+    length_ok = {"same": S == T, "suffix": S >= T, "any": S >= 1}[keys]
+    if k.shape[0] != B or not length_ok or k.shape[3] != K or Hk == 0 or H % Hk:
+        shown = T if keys == "same" else rule.replace("T", str(T))
+        raise ValueError(
+            f"k must have shape [B, {letter}, Hk, K] = [{B}, {shown}, Hk, {K}] with Hk dividing H = {H}, "
+            f"got {list(k.shape)}"
+        )
+    if v is not None and (v.shape[:3] != k.shape[:3] or v.shape[3] == 0):
+        raise ValueError(
+            f"v must have shape [B, {letter}, Hk, V] like k {list(k.shape)}, got {list(v.shape)}"
+        )
+    return B, T, S, H, Hk, K
+
+
 def check_positive_int(name: str, x: object) -> None:
     """An int >= 1 (not a bool), else ValueError naming ``name``."""
     if isinstance(x, bool) or not isinstance(x, int) or x < 1:

@@ -81,21 +81,8 @@ def attention(
     Returns:
         ``o [B, T, H, V]`` in q's dtype, or ``(o, lse)`` with ``return_lse``.
     """
-    val.check_tensor("q", q, 4, "[B, T, H, K]")
-    val.check_tensor("k", k, 4, "[B, T, Hk, K]")
-    val.check_tensor("v", v, 4, "[B, T, Hk, V]")
+    B, T, _, H, Hk, K = val.check_grouped_qkv(q, k, v)
     val.check_same_dtype_device({"q": q, "k": k, "v": v})
-    B, T, H, K = q.shape
-    Hk = k.shape[2]
-    if T == 0 or K == 0:
-        raise ValueError(f"q must have T >= 1 and K >= 1, got shape {list(q.shape)}")
-    if k.shape[:2] != (B, T) or k.shape[3] != K or Hk == 0 or H % Hk:
-        raise ValueError(
-            f"k must have shape [B, T, Hk, K] = [{B}, {T}, Hk, {K}] with Hk dividing H = {H}, "
-            f"got {list(k.shape)}"
-        )
-    if v.shape[:3] != (B, T, Hk) or v.shape[3] == 0:
-        raise ValueError(f"v must have shape [B, T, Hk, V] = [{B}, {T}, {Hk}, V] like k, got {list(v.shape)}")
     val.check_mode(mode, MODES)
     val.check_chunk_size(chunk_size)
     scale = val.resolve_scale(scale, K)

@@ -28,18 +28,8 @@ from subquad.ops._common.chunking import pad_time
 
 
 def _check(q, k, block_size, causal, scale):
-    val.check_tensor("q", q, 4, "[B, T, H, K]")
-    val.check_tensor("k", k, 4, "[B, T, Hk, K]")
+    K = val.check_grouped_qkv(q, k)[-1]
     val.check_same_dtype_device({"q": q, "k": k})
-    B, T, H, K = q.shape
-    if T == 0 or K == 0:
-        raise ValueError(f"q must have T >= 1 and K >= 1, got shape {list(q.shape)}")
-    Hk = k.shape[2]
-    if k.shape[:2] != (B, T) or k.shape[3] != K or Hk == 0 or H % Hk:
-        raise ValueError(
-            f"k must have shape [B, T, Hk, K] = [{B}, {T}, Hk, {K}] with Hk dividing H = {H}, "
-            f"got {list(k.shape)}"
-        )
     val.check_chunk_size(block_size)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")

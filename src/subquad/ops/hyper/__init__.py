@@ -66,21 +66,8 @@ def hyper_attention(
     Returns:
         ``o [B, T, H, V]`` in q's dtype.
     """
-    val.check_tensor("q", q, 4, "[B, T, H, K]")
-    val.check_tensor("k", k, 4, "[B, S, Hk, K]")
-    val.check_tensor("v", v, 4, "[B, S, Hk, V]")
+    B, T, S, H, Hk, K = val.check_grouped_qkv(q, k, v, keys="same" if causal else "any")
     val.check_same_dtype_device({"q": q, "k": k, "v": v})
-    B, T, H, K = q.shape
-    S, Hk = k.shape[1], k.shape[2]
-    if T == 0 or K == 0 or S == 0:
-        raise ValueError(f"q and k need T, S, K >= 1, got q {list(q.shape)}, k {list(k.shape)}")
-    if k.shape[0] != B or k.shape[3] != K or Hk == 0 or H % Hk or (causal and S != T):
-        raise ValueError(
-            f"k must have shape [B, S, Hk, K] = [{B}, {'T = ' + str(T) if causal else 'S'}, Hk, {K}] with "
-            f"Hk dividing H = {H}, got {list(k.shape)}"
-        )
-    if v.shape[:3] != k.shape[:3] or v.shape[3] == 0:
-        raise ValueError(f"v must have shape [B, S, Hk, V] like k, got {list(v.shape)}")
     for name, x in (
         ("block_size", block_size),
         ("num_samples", num_samples),

@@ -62,24 +62,11 @@ def nsa(
     Returns:
         ``o [B, T, H, V]`` in q's dtype.
     """
-    val.check_tensor("q", q, 4, "[B, T, H, K]")
-    val.check_tensor("k", k, 4, "[B, S, Hk, K]")
-    val.check_tensor("v", v, 4, "[B, S, Hk, V]")
+    B, T, S, H, _, K = val.check_grouped_qkv(q, k, v, keys="suffix")
     gates = {"g_cmp": g_cmp, "g_slc": g_slc, "g_swa": g_swa}
     for name, g in gates.items():
         val.check_tensor(name, g, 3, "[B, T, H]")
     val.check_same_dtype_device({"q": q, "k": k, "v": v, **gates})
-    B, T, H, K = q.shape
-    S, Hk = k.shape[1], k.shape[2]
-    if T == 0 or K == 0:
-        raise ValueError(f"q must have T >= 1 and K >= 1, got shape {list(q.shape)}")
-    if k.shape[0] != B or S < T or k.shape[3] != K or Hk == 0 or H % Hk:
-        raise ValueError(
-            f"k must have shape [B, S, Hk, K] = [{B}, S >= {T}, Hk, {K}] with Hk dividing H = {H}, "
-            f"got {list(k.shape)}"
-        )
-    if v.shape[:3] != k.shape[:3] or v.shape[3] == 0:
-        raise ValueError(f"v must have shape [B, S, Hk, V] like k, got {list(v.shape)}")
     for name, g in gates.items():
         val.check_shape(name, g, (B, T, H), "[B, T, H]")
     for name, x in (("block_size", block_size), ("block_count", block_count), ("window", window)):

@@ -21,22 +21,9 @@ MODES = ("reference", "chunk")
 
 
 def _check(q, k, v, centroids):
-    val.check_tensor("q", q, 4, "[B, T, H, K]")
-    val.check_tensor("k", k, 4, "[B, T, Hk, K]")
-    val.check_tensor("v", v, 4, "[B, T, Hk, V]")
+    *_, Hk, K = val.check_grouped_qkv(q, k, v)
     val.check_tensor("centroids", centroids, 3, "[Hk, M, K]")
     val.check_same_dtype_device({"q": q, "k": k, "v": v, "centroids": centroids})
-    B, T, H, K = q.shape
-    if T == 0 or K == 0:
-        raise ValueError(f"q must have T >= 1 and K >= 1, got shape {list(q.shape)}")
-    Hk = k.shape[2]
-    if k.shape[:2] != (B, T) or k.shape[3] != K or Hk == 0 or H % Hk:
-        raise ValueError(
-            f"k must have shape [B, T, Hk, K] = [{B}, {T}, Hk, {K}] with Hk dividing H = {H}, "
-            f"got {list(k.shape)}"
-        )
-    if v.shape[:3] != k.shape[:3] or v.shape[3] == 0:
-        raise ValueError(f"v must have shape [B, T, Hk, V] like k, got {list(v.shape)}")
     if centroids.shape[0] != Hk or centroids.shape[1] == 0 or centroids.shape[2] != K:
         raise ValueError(
             f"centroids must have shape [Hk, M, K] = [{Hk}, M >= 1, {K}], got {list(centroids.shape)}"
