@@ -3,6 +3,8 @@ dense mask, agreement with torch's SDPA, and bad inputs."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,23 @@ def test_window_and_sinks_match_a_dense_mask(mode):
     mask = (j <= i) & ((i - j < 7) | (j < 3))
     got = attention(q, k, v, window=7, sinks=3, mode=mode, chunk_size=8)
     assert_close(got, _sdpa(q, k, v, mask=mask), F64, name="window 7 + 3 sinks")
+
+
+@pytest.mark.parametrize(("T", "causal", "sinks"), [(50, True, 3), (50, False, 3), (61, True, 0), (200, True, 9)])
+def test_window_paths_match_the_reference_with_gradients(T, causal, sinks):
+    """Short windows run by key spans, long ones by the key-block walk: both against the
+    per-query reference, with gradients of o and lse (padding, sinks inside and before spans)."""
+    q, k, v = (x.requires_grad_(True) for x in _qkv(T=T, Hk=2))
+    for window in (5, T // 2 + 1):  # the span path, then the key-block walk
+        o, lse = attention(q, k, v, causal=causal, window=window, sinks=sinks, chunk_size=8, return_lse=True)
+        ro, rl = attention(q, k, v, causal=causal, window=window, sinks=sinks, mode="reference", return_lse=True)
+        assert_close(o, ro, F64, name=f"o, window {window}")
+        assert_close(lse, rl, F64, name=f"lse, window {window}")
+        go, gl = torch.randn_like(o), torch.randn_like(lse)
+        g = torch.autograd.grad((o * go).sum() + (lse * gl).sum(), [q, k, v])
+        rg = torch.autograd.grad((ro * go).sum() + (rl * gl).sum(), [q, k, v])
+        for name, a, b in zip("qkv", g, rg, strict=True):
+            assert_close(a, b, F64, name=f"d{name}, window {window}")
 
 
 @pytest.mark.parametrize("mode", ["reference", "chunk"])
@@ -116,10 +135,14 @@ def test_bad_inputs():
         get_op("attention").fn(q, k, v, initial_state=torch.zeros(2, 4, 8, 6))
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 8])
-def test_decode_step_matches_attention(num_splits):
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 8, "auto-small"])
+def test_decode_step_matches_attention(num_splits, monkeypatch):
     """A one-query step against a cache == the last row of causal attention over cache + token;
     with cache_seqlens, each sequence sees only its own prefix."""
+    if num_splits == "auto-small":  # automatic splits of a few keys each: many partials merged
+        decode = importlib.import_module("subquad.ops.attention.decode")
+        monkeypatch.setattr(decode, "SPLIT_ELEMENTS", 100)
+        num_splits = None
     q, k, v = _qkv(B=2, T=30, H=4, Hk=2)
     o = attention_decode(q[:, -1:], k, v, num_splits=num_splits)
     ref = attention(q, k, v, mode="reference")[:, -1:]
@@ -138,7 +161,7 @@ def test_decode_bad_inputs():
         attention_decode(q, k, v)
     with pytest.raises(ValueError, match="cache_seqlens must lie in"):
         attention_decode(q[:, :1], k, v, cache_seqlens=torch.tensor([0, 6]))
-    with pytest.raises(ValueError, match="num_splits must be an int >= 1"):
+    with pytest.raises(ValueError, match="num_splits must be None or an int >= 1"):
         attention_decode(q[:, :1], k, v, num_splits=0)
 
 

@@ -128,7 +128,7 @@ class AttentionBenchConfig:
     T: int = 16384
     window: int = 512
     decode_len: int = 65536
-    decode_splits: int = 4
+    decode_splits: int | None = None
     block_size: int = 128
     estimators: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {
@@ -155,13 +155,15 @@ class AttentionBenchConfig:
             "T",
             "window",
             "decode_len",
-            "decode_splits",
             "block_size",
             "repeats",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        d = self.decode_splits
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
+            raise ValueError(f"decode_splits must be None (automatic) or an int >= 1, got {d!r}")
         for name in ("exact_lens", "memory_lens"):
             if any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in getattr(self, name)):
                 raise ValueError(f"{name} must be ints >= 1, got {getattr(self, name)!r}")

@@ -61,8 +61,9 @@ def attention(
 
     ``mode="chunk"`` is the FlashAttention algorithm (Dao et al. 2022,
     https://arxiv.org/abs/2205.14135): online softmax over key blocks, forward and a recomputing
-    backward in O(T) memory, cost proportional to the visited blocks (a window visits ~window/b
-    key blocks per query block). ``mode="reference"`` is the per-query specification.
+    backward in O(T) memory, cost proportional to the visited blocks. A window shorter than T / 2
+    instead scores each query block once against its token-aligned key span (``w + b - 1`` keys,
+    query blocks of ``min(chunk_size, 64)``). ``mode="reference"`` is the per-query specification.
 
     Args:
         q: ``[B, T, H, K]``. k: ``[B, T, Hk, K]``, v: ``[B, T, Hk, V]`` with Hk dividing H (grouped
@@ -136,7 +137,7 @@ def attention_decode(
     *,
     cache_seqlens: torch.Tensor | None = None,
     scale: float | None = None,
-    num_splits: int = 4,
+    num_splits: int | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One decoding step: a single query per sequence against its KV cache, split over the keys
@@ -147,7 +148,9 @@ def attention_decode(
         k_cache, v_cache: ``[B, S, Hk, K]``, ``[B, S, Hk, V]`` (the library's layout; read in place
             through strided views), Hk dividing H.
         cache_seqlens: int ``[B]`` valid cache lengths (keys past them are ignored); default S.
-        scale: default ``K ** -0.5``. num_splits: key splits merged by lse.
+        scale: default ``K ** -0.5``.
+        num_splits: key splits merged by lse; None (default) cuts the cache into splits of about
+            ``decode.SPLIT_ELEMENTS`` values, which keeps each split in the CPU's cache.
         return_lse: also return the log-sum-exp ``[B, 1, H]``.
 
     Returns:
@@ -168,8 +171,10 @@ def attention_decode(
         )
     if v_cache.shape[:3] != k_cache.shape[:3]:
         raise ValueError(f"v_cache must have shape [B, S, Hk, V] like k_cache, got {list(v_cache.shape)}")
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+    if num_splits is not None and (
+        isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1
+    ):
+        raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
     scale = val.resolve_scale(scale, K)
     lengths = None
     if cache_seqlens is not None:
