@@ -49,14 +49,17 @@ def test_window_and_sinks_match_a_dense_mask(mode):
     assert_close(got, _sdpa(q, k, v, mask=mask), F64, name="window 7 + 3 sinks")
 
 
-@pytest.mark.parametrize(("T", "causal", "sinks"), [(50, True, 3), (50, False, 3), (61, True, 0), (200, True, 9)])
+@pytest.mark.parametrize(
+    ("T", "causal", "sinks"), [(50, True, 3), (50, False, 3), (61, True, 0), (200, True, 9)]
+)
 def test_window_paths_match_the_reference_with_gradients(T, causal, sinks):
     """Short windows run by key spans, long ones by the key-block walk: both against the
     per-query reference, with gradients of o and lse (padding, sinks inside and before spans)."""
     q, k, v = (x.requires_grad_(True) for x in _qkv(T=T, Hk=2))
     for window in (5, T // 2 + 1):  # the span path, then the key-block walk
-        o, lse = attention(q, k, v, causal=causal, window=window, sinks=sinks, chunk_size=8, return_lse=True)
-        ro, rl = attention(q, k, v, causal=causal, window=window, sinks=sinks, mode="reference", return_lse=True)
+        kw = {"causal": causal, "window": window, "sinks": sinks, "return_lse": True}
+        o, lse = attention(q, k, v, chunk_size=8, **kw)
+        ro, rl = attention(q, k, v, mode="reference", **kw)
         assert_close(o, ro, F64, name=f"o, window {window}")
         assert_close(lse, rl, F64, name=f"lse, window {window}")
         go, gl = torch.randn_like(o), torch.randn_like(lse)
