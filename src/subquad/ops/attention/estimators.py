@@ -266,8 +266,11 @@ def quest_mask(
 
     def envelope(x):  # [B, T, h, K] -> elementwise (min, max) per block, [B, h, nb, K]
         xf = x.float()
-        hi = F.pad(xf, (0, 0, 0, 0, 0, pad), value=-math.inf).view(B, nb, b, -1, K).amax(2)
-        lo = F.pad(xf, (0, 0, 0, 0, 0, pad), value=math.inf).view(B, nb, b, -1, K).amin(2)
+
+        def padded(value):  # (no copy when T is a multiple of b)
+            return (F.pad(xf, (0, 0, 0, 0, 0, pad), value=value) if pad else xf).view(B, nb, b, -1, K)
+
+        hi, lo = padded(-math.inf).amax(2), padded(math.inf).amin(2)
         return lo.transpose(1, 2), hi.transpose(1, 2)
 
     klo, khi = envelope(k)  # [B, Hk, nb, K]
@@ -324,15 +327,22 @@ def nsa_mask(
     counts = torch.full((nb,), float(b), device=q.device)
     counts[-1] = b - pad
     kc = pad_time(k.float(), b).view(B, nb, b, Hk, K).sum(2) / counts[None, :, None, None]
-    kc = kc.permute(0, 2, 3, 1)  # [B, Hk, K, nb]
-    qg = (q.float() * scale).view(B, T, Hk, H // Hk, K).permute(0, 2, 3, 1, 4)  # [B, Hk, G, T, K]
+    # the scale rides on the nb mean keys; the queries are read in place, each head a strided
+    # [T, K] matrix (no permuted copy of q)
+    kc = (kc * scale).permute(0, 2, 3, 1).repeat_interleave(H // Hk, dim=1)  # [B, H, K, nb]
     t = torch.arange(T, device=q.device)
     ends = (torch.arange(nb, device=q.device) + 1) * b - 1
     before = ends[None, :] < t[:, None] - (t[:, None] % b)  # blocks wholly before t's own block
     before[:b, 0] = True  # the first block's queries have none: let them look at block 0 (kept anyway)
-    bias = torch.zeros(T, nb, device=q.device).masked_fill_(~before, float("-inf"))
-    p = torch.matmul(qg, kc[:, :, None]).add_(bias).softmax(-1).sum(2)  # [B, Hk, T, nb]
-    p = F.pad(p, (0, 0, 0, pad)).view(B, Hk, nb, b, nb).sum(3)  # [B, Hk, nb, nb]
+    hidden = ~before
+    parts = []
+    for bi in range(B):
+        s = torch.bmm(q[bi].float().transpose(0, 1), kc[bi])  # [H, T, nb]
+        p = s.masked_fill_(hidden, float("-inf")).softmax(-1)
+        p = F.pad(p, (0, 0, 0, pad)) if pad else p
+        parts.append(p.view(H, nb, b, nb).sum(2))  # [H, nb, nb]
+    # grouped heads share the selection: sum the probabilities of the heads of one key head
+    p = torch.stack(parts).view(B, Hk, H // Hk, nb, nb).sum(2)
     score = p.repeat_interleave(H // Hk, dim=1)
     return _top_blocks(score, topk, True)
 

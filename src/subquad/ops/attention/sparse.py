@@ -76,8 +76,13 @@ class _Plan:
                 if len(cut_r):
                     qi = (I[sl][cut_r] * b).view(-1, 1, 1) + pos.view(1, b, 1)
                     kj = (J[sl][cut_r, cut_s] * b).view(-1, 1, 1) + pos.view(1, 1, b)
-                    visible = allowed(qi, kj, causal, window, 0, T).expand(len(cut_r), b, b)
-                    mask = (cut_r, cut_s, ~visible)
+                    hidden = ~allowed(qi, kj, causal, window, 0, T).expand(len(cut_r), b, b)
+                    n = len(rows[sl])
+                    if len(cut_r) == n and bool((cut_s == c - 1).all()) and bool((hidden == hidden[0]).all()):
+                        # the common causal case: every row's last kept block is its diagonal
+                        mask = (None, None, hidden[0])
+                    else:
+                        mask = (cut_r, cut_s, hidden)
                 self.pieces.append((rows[sl], keys[sl], mask))
 
 
@@ -85,12 +90,15 @@ def _scores(qs, k, rows, keys, mask):
     """Scores of a piece ``[R, b, c*b]``, -inf where a token of a cut pair is not visible."""
     R, c = keys.shape
     b = k.shape[1]
-    kk = k[keys.reshape(-1)].view(R, c * b, -1)
-    s = torch.bmm(qs[rows], kk.transpose(1, 2))
+    kk = torch.index_select(k, 0, keys.reshape(-1)).view(R, c * b, -1)
+    s = torch.bmm(torch.index_select(qs, 0, rows), kk.transpose(1, 2))
     if mask is not None:
         cut_r, cut_s, hidden = mask
         s4 = s.view(R, b, c, b)
-        s4[cut_r, :, cut_s, :] = s4[cut_r, :, cut_s, :].masked_fill_(hidden, float("-inf"))
+        if cut_r is None:  # the same token mask on every row's last slot: one strided pass
+            s4[:, :, c - 1, :].masked_fill_(hidden, float("-inf"))
+        else:
+            s4[cut_r, :, cut_s, :] = s4[cut_r, :, cut_s, :].masked_fill_(hidden, float("-inf"))
     return s, kk
 
 
@@ -106,11 +114,11 @@ def _sparse_forward(q, k, v, plan, scale):
         m = s.amax(-1, keepdim=True)
         m = m.masked_fill_(m == float("-inf"), 0.0)
         p = s.sub_(m).exp_()
-        vv = v[keys.reshape(-1)].view(R, c * b, Vd)
+        vv = torch.index_select(v, 0, keys.reshape(-1)).view(R, c * b, Vd)
         l = p.sum(-1)  # [R, b]
         seen = l > 0  # a query none of whose kept keys is visible gets o = 0, lse = +inf
-        o[rows] = torch.bmm(p, vv) / torch.where(seen, l, 1.0).unsqueeze(-1)
-        lse[rows] = torch.where(seen, m.squeeze(-1) + torch.log(l), float("inf"))
+        o.index_copy_(0, rows, torch.bmm(p, vv).div_(torch.where(seen, l, 1.0).unsqueeze(-1)))
+        lse.index_copy_(0, rows, torch.where(seen, m.squeeze(-1) + torch.log(l), float("inf")))
     return o, lse
 
 
@@ -122,14 +130,17 @@ def _sparse_backward(q, k, v, o, lse, do, dlse, plan, scale):
     for rows, keys, mask in plan.pieces:
         R, c = keys.shape
         s, kk = _scores(qs, k, rows, keys, mask)
-        p = s.sub_(lse[rows].unsqueeze(-1)).exp_()  # rows with lse = +inf give p = 0
+        p = s.sub_(torch.index_select(lse, 0, rows).unsqueeze(-1)).exp_()  # lse = +inf gives p = 0
         flat = keys.reshape(-1)
-        do_r = do[rows]
-        vv = v[flat].view(R, c * b, -1)
+        do_r = torch.index_select(do, 0, rows)
+        vv = torch.index_select(v, 0, flat).view(R, c * b, -1)
         dv.index_add_(0, flat, torch.bmm(p.transpose(1, 2), do_r).view(R * c, b, -1))
-        ds = p.mul_(torch.bmm(do_r, vv.transpose(1, 2)).sub_(delta[rows].unsqueeze(-1)))
-        dq[rows] = torch.bmm(ds, kk)
-        dk.index_add_(0, flat, torch.bmm(ds.transpose(1, 2), qs[rows]).view(R * c, b, -1))
+        ds = p.mul_(
+            torch.bmm(do_r, vv.transpose(1, 2)).sub_(torch.index_select(delta, 0, rows).unsqueeze(-1))
+        )
+        dq.index_copy_(0, rows, torch.bmm(ds, kk))
+        q_r = torch.index_select(qs, 0, rows)
+        dk.index_add_(0, flat, torch.bmm(ds.transpose(1, 2), q_r).view(R * c, b, -1))
     return dq.mul_(scale), dk, dv
 
 
