@@ -13,7 +13,12 @@ from subquad.layers import LayerCache, make_mixer, mixer_names
 from subquad.testing import assert_close
 
 D, H = 32, 2
-SMALL = {"swa": {"window": 5}, "based": {"key_dim": 4}, "mamba2": {"state_size": 8}}
+SMALL = {
+    "swa": {"window": 5},
+    "based": {"key_dim": 4},
+    "mamba2": {"state_size": 8},
+    "nsa": {"block_size": 2, "block_count": 2, "window": 3},  # every branch at these lengths
+}
 
 
 def build(name: str, seed: int = 0):

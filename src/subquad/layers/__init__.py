@@ -13,6 +13,7 @@ from subquad.layers.cache import LayerCache
 from subquad.layers.feature_maps import FEATURE_MAPS, make_feature_map
 from subquad.layers.mixers import (
     GLA,
+    NSA,
     RWKV7,
     Attention,
     DeltaNet,
@@ -44,6 +45,7 @@ MIXERS: dict[str, tuple[type[Mixer], dict[str, Any]]] = {
     "gated_deltanet_neg": (GatedDeltaNet, {"allow_neg_eigval": True}),
     "rwkv7": (RWKV7, {}),
     "mom": (MoM, {}),
+    "nsa": (NSA, {}),
 }
 
 #: one-letter codes for layer patterns such as ``"GGGA"``
@@ -58,6 +60,7 @@ PATTERN_LETTERS = {
     "N": "gated_deltanet",
     "K": "rwkv7",
     "X": "mom",
+    "P": "nsa",
 }
 
 #: the layer a model uses for each registry op (ops absent here get the generic ``op:<name>``)
@@ -70,6 +73,7 @@ OP_LAYERS = {
     "gated_delta_rule": "gated_deltanet",
     "rwkv7": "rwkv7",
     "mom": "mom",
+    "nsa": "nsa",
 }
 
 
@@ -95,6 +99,7 @@ __all__ = [
     "FEATURE_MAPS",
     "GLA",
     "MIXERS",
+    "NSA",
     "OP_LAYERS",
     "PATTERN_LETTERS",
     "RWKV7",

@@ -571,20 +571,9 @@ class Attention(Mixer):
         check_layer_call(x, self.hidden_size, cache, cu_seqlens, attention_mask)
         x = autocast_input(x)
         T = x.shape[1]
-        d, Hk = self.head_dim, self.num_kv_heads
-        q = self._heads(self.q_proj(x))
-        k = self.k_proj(x).unflatten(-1, (Hk, d))
-        v = self.v_proj(x).unflatten(-1, (Hk, d))
         past = cache.seen_tokens if cache is not None else 0
-        # 1. positions: per packed sequence, or counted over real tokens when left-padded
-        if attention_mask is not None:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # [B, T]
-        elif cu_seqlens is not None:
-            positions = positions_in_sequence(T, cu_seqlens, x.device)
-        else:
-            positions = torch.arange(past, past + T, device=x.device)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
-        # 2. attention over the keys this call may see
+        q, k, v = self.rotated_qkv(x, past, cu_seqlens, attention_mask)
+        # attention over the keys this call may see
         if cache is None and attention_mask is None:
             o = ops.attention(q, k, v, causal=True, window=self.window, cu_seqlens=cu_seqlens)
         elif cache is not None and T == 1 and attention_mask is None:
@@ -601,6 +590,22 @@ class Attention(Mixer):
         if cache is not None:
             cache.seen_tokens += T
         return self.o_proj(o.flatten(-2))
+
+    def rotated_qkv(self, x, past, cu_seqlens, attention_mask):
+        """Projections ``q [B, T, H, d]``, ``k, v [B, T, Hk, d]`` with rotary embeddings at the
+        tokens' positions: per packed sequence, or counted over real tokens when left-padded."""
+        T = x.shape[1]
+        d, Hk = self.head_dim, self.num_kv_heads
+        q = self._heads(self.q_proj(x))
+        k = self.k_proj(x).unflatten(-1, (Hk, d))
+        v = self.v_proj(x).unflatten(-1, (Hk, d))
+        if attention_mask is not None:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # [B, T]
+        elif cu_seqlens is not None:
+            positions = positions_in_sequence(T, cu_seqlens, x.device)
+        else:
+            positions = torch.arange(past, past + T, device=x.device)
+        return self.rotary(q, positions), self.rotary(k, positions), v
 
     def _masked_attention(self, q, k, v, attention_mask, past):
         """Exact attention of T new queries over S = cached + new keys, with causal / window rules
@@ -637,6 +642,75 @@ class Attention(Mixer):
 
 #: largest score matrix (elements) one block of the masked attention path materialises
 MASKED_SCORE_ELEMENTS = 1 << 25
+
+
+class NSA(Attention):
+    """Native Sparse Attention (Yuan et al. 2025, https://arxiv.org/abs/2502.11089) as a layer:
+    ``Attention``'s rotary q/k/v projections (grouped heads share their block selection, as in the
+    paper) plus a per-token, per-head sigmoid gate for each branch (compressed blocks, selected
+    blocks, sliding window), through ``subquad.ops.nsa``. The cache keeps every key and value;
+    a call with a cache passes the whole cached prefix as keys (the op's decode form: the queries
+    are the last T key positions). Left padding is removed row by row (padding is a prefix of
+    the row's slots), so a padded row computes exactly what its unpadded sequence would.
+
+    Args (beyond ``Attention``'s, without ``window`` there): block_size, block_count, window of
+    the op (the paper's 64, 16, 512).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int | None = None,
+        *,
+        num_kv_heads: int | None = None,
+        block_size: int = 64,
+        block_count: int = 16,
+        window: int = 512,
+        rope_base: float = 10000.0,
+    ) -> None:
+        super().__init__(hidden_size, num_heads, head_dim, num_kv_heads=num_kv_heads, rope_base=rope_base)
+        for name, value in (("block_size", block_size), ("block_count", block_count), ("window", window)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.block_size, self.block_count, self.nsa_window = block_size, block_count, window
+        self.g_proj = nn.Linear(hidden_size, 3 * num_heads)  # cmp, slc, swa gates per head
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: LayerCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        check_layer_call(x, self.hidden_size, cache, cu_seqlens, attention_mask)
+        x = autocast_input(x)
+        B, T = x.shape[:2]
+        past = cache.seen_tokens if cache is not None else 0
+        q, k, v = self.rotated_qkv(x, past, cu_seqlens, attention_mask)
+        gates = torch.sigmoid(self.g_proj(x)).unflatten(-1, (3, self.num_heads)).unbind(2)
+        if cache is not None:
+            cache.append_kv(k, v)
+            k, v = cache.keys_values()
+            cache.seen_tokens += T
+        opts = {"block_size": self.block_size, "block_count": self.block_count, "window": self.nsa_window}
+        if attention_mask is None:
+            o = ops.nsa(q, k, v, *gates, cu_seqlens=cu_seqlens, **opts)
+        else:
+            o = q.new_zeros(*q.shape[:3], v.shape[-1])
+            S = k.shape[1]
+            real = attention_mask[:, -S:].bool()
+            for b in range(B):
+                p = int((~real[b]).sum())  # left padding: the first p slots of this row
+                if bool(real[b, :p].any()) or not bool(real[b, p:].all()):
+                    raise ValueError("NSA supports left padding only (attention_mask 0s then 1s per row)")
+                first = max(0, p - (S - T))  # this call's first real query
+                if first < T:
+                    rows = slice(b, b + 1)
+                    o[rows, first:] = ops.nsa(
+                        q[rows, first:], k[rows, p:], v[rows, p:], *(g[rows, first:] for g in gates), **opts
+                    )
+        return self.o_proj(o.flatten(-2))
 
 
 class OpMixer(RecurrentMixer):

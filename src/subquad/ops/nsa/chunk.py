@@ -8,11 +8,12 @@ nb = ceil(S / b) blocks, n selected blocks, C query chunk.
   (T * S / b scores: 1/b of dense attention), autograd through it.
 - selection: the group-summed cmp probabilities, the first and own blocks forced, top-n by a
   stable sort (ties to the earlier block, as in the reference); no gradient flows through it.
-- slc: per chunk of C queries, the union of the blocks they selected (U blocks, at most C * n and
-  at most nb) is gathered once, ``[B, Hk, U*b, D]``, and attended with one masked softmax in which
-  each query sees only its own blocks; each chunk runs under activation checkpointing, so the
-  backward recomputes the gather instead of keeping the gathered keys. Cost per chunk C * U * b:
-  between sparse (neighbouring queries agree) and dense (they pick disjoint blocks).
+- slc: the (query, block) pairs of one key head are grouped by block, so a block's b keys are read
+  once for all the queries (and their G query heads) that selected it: one ``[pairs*G, K] @
+  [K, b]`` matmul per group of blocks with similar pair counts (padded by < 25%), a softmax partial
+  per pair, and a log-sum-exp merge per query (``index_add``). Cost T * n * b * G scores whatever
+  the selection looks like; what is gathered is one query vector per pair (1/b of gathering the
+  keys per query). Each (batch, key head) runs under activation checkpointing.
 - swa: the tiled ``attention(window=w)`` when T = S; for a suffix of queries (decoding), one
   masked softmax over the last ``w + T - 1`` keys.
 """
@@ -30,90 +31,160 @@ def _expand(x, G):
 
 
 def compressed(q, k, v, b, scale):
-    """``(o_cmp [B, T, H, V], p [B, H, T, nc])``: attention over the mean-pooled complete blocks."""
+    """``(o_cmp [B, T, H, V], p [B, H, T, nc])``: attention over the mean-pooled complete blocks.
+    Queries before the first complete block see none: o = 0, p = 0."""
     B, T, H, K = q.shape
     S, Hk = k.shape[1], k.shape[2]
     nc = S // b
-    if nc == 0:
-        return q.new_zeros(B, T, H, v.shape[-1]), q.new_zeros(B, H, T, 0)
-    kc = _expand(k[:, : nc * b].reshape(B, nc, b, Hk, K).mean(2), H // Hk)
-    vc = _expand(v[:, : nc * b].reshape(B, nc, b, Hk, -1).mean(2), H // Hk)
-    s = torch.einsum("bthk,bjhk->bhtj", q, kc) * scale
-    pos = torch.arange(S - T, S, device=q.device)
-    ends = (torch.arange(nc, device=q.device) + 1) * b - 1
-    s = s.masked_fill(ends[None, :] > pos[:, None], float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)  # queries before the first complete block: none seen
-    return torch.einsum("bhtj,bjhv->bthv", p, vc), p
+    first = max(0, b - 1 - (S - T))  # the first query that sees a complete block
+    if nc == 0 or first >= T:
+        return q.new_zeros(B, T, H, v.shape[-1]), q.new_zeros(B, H, T, nc)
+    G = H // Hk
+    # the scale rides on the nc mean keys; each head's queries are read in place (strided)
+    kc = _expand(k[:, : nc * b].reshape(B, nc, b, Hk, K).mean(2) * scale, G).permute(0, 2, 3, 1)
+    vc = _expand(v[:, : nc * b].reshape(B, nc, b, Hk, -1).mean(2), G).transpose(1, 2)  # [B, H, nc, V]
+    pos = torch.arange(S - T + first, S, device=q.device)
+    hidden = (torch.arange(nc, device=q.device) + 1) * b - 1 > pos[:, None]  # [T - first, nc]
+    p = q.new_zeros(B, H, T, nc)
+    o = q.new_zeros(B, T, H, v.shape[-1])
+    for bi in range(B):
+        s = torch.matmul(q[bi, first:].transpose(0, 1), kc[bi])  # [H, T - first, nc]
+        pb = torch.softmax(s.masked_fill_(hidden, float("-inf")), -1)
+        p[bi, :, first:] = pb
+        o[bi, first:] = torch.matmul(pb, vc[bi]).transpose(0, 1)
+    return o, p
+
+
+# score elements of one query chunk of the selection: its temporaries stay small enough to be
+# reused by the allocator (fresh large buffers cost page faults on first touch here)
+SELECT_ELEMENTS = 1 << 19
 
 
 @torch.no_grad()
 def select(p, S, T, b, n, Hk):
-    """``(idx [B, Hk, T, m], ok [B, Hk, T, m])``: the blocks each query of each key head reads."""
+    """``(idx [B, Hk, T, m], ok [B, Hk, T, m])``: the blocks each query of each key head reads,
+    computed in query chunks of about SELECT_ELEMENTS scores."""
     B, H, _, nc = p.shape
     G = H // Hk
     nb = -(-S // b)
-    imp = p.view(B, Hk, G, T, nc).sum(2)
-    imp = torch.nn.functional.pad(imp, (0, nb - nc))  # the partial last block has no score
-    pos = torch.arange(S - T, S, device=p.device)
-    own = pos // b  # [T]
-    j = torch.arange(nb, device=p.device)
-    score = imp.masked_fill(j[None, :] > own[:, None], float("-inf"))
-    score = score.masked_fill((j[None, :] == own[:, None]) | (j[None, :] == 0), float("inf"))
     m = min(max(n, 2), nb)
-    order = score.sort(dim=-1, descending=True, stable=True)
-    idx, top = order.indices[..., :m], order.values[..., :m]
+    j = torch.arange(nb, device=p.device)
     rank = torch.arange(m, device=p.device)
-    forced = torch.isinf(top) & (top > 0)
-    ok = (top > float("-inf")) & ((rank < n) | forced)
+    idx = torch.empty(B, Hk, T, m, dtype=torch.long, device=p.device)
+    ok = torch.empty(B, Hk, T, m, dtype=torch.bool, device=p.device)
+    pv = p.view(B, Hk, G, T, nc)
+    step = max(1, SELECT_ELEMENTS // max(1, B * Hk * nb))
+    for a in range(0, T, step):
+        e = min(T, a + step)
+        imp = pv[:, :, :, a:e].sum(2)
+        imp = torch.nn.functional.pad(imp, (0, nb - nc))  # the partial last block has no score
+        own = torch.arange(S - T + a, S - T + e, device=p.device).unsqueeze(1) // b  # [t, 1]
+        score = imp.masked_fill_(j > own, float("-inf")).masked_fill_((j == own) | (j == 0), float("inf"))
+        if score.dtype == torch.float32:
+            # the top m by score, ties to the earlier block (the reference's stable order), by
+            # topk on unique int64 keys instead of a full sort: a float32 >= 0 orders like its bit
+            # pattern, so key = bits * nb + (nb - 1 - j); hidden blocks (-inf) get the lowest keys
+            bits = score.clamp(min=0.0).view(torch.int32).to(torch.int64)  # -0.0 -> +0.0; +inf kept
+            key = bits.mul_(nb).add_(nb - 1 - j).masked_fill_(score == float("-inf"), -1)
+            sel = key.topk(m, dim=-1).indices
+            top = torch.gather(score, -1, sel)
+        else:  # float64: a stable sort (the keys above need 32-bit floats)
+            order = score.sort(dim=-1, descending=True, stable=True)
+            sel, top = order.indices[..., :m], order.values[..., :m]
+        forced = torch.isinf(top) & (top > 0)
+        idx[:, :, a:e] = sel
+        ok[:, :, a:e] = (top > float("-inf")) & ((rank < n) | forced)
     return idx, ok
 
 
-def _selected_chunk(q, k, v, idx, ok, pos, b, scale):
-    """q ``[B, C, H, K]`` at positions ``pos [C]``; k, v ``[B, S, Hk, D]``; idx/ok ``[B, Hk, C, m]``."""
-    B, C, H, K = q.shape
-    S, Hk = k.shape[1], k.shape[2]
-    G = H // Hk
+def _buckets(counts, ratio=1.25):
+    """Blocks grouped by how many pairs they hold: ``[(blocks [n], width)]`` with every count in
+    a group within ``ratio`` of its largest, which is the group's padded width (less than 25% of
+    padding per group, and few groups: counts span 1 .. T)."""
+    order = torch.argsort(counts, descending=True, stable=True)
+    sizes = counts[order].tolist()
+    groups, i = [], 0
+    while i < len(sizes) and sizes[i] > 0:
+        j = i
+        while j < len(sizes) and sizes[j] > 0 and sizes[j] * ratio >= sizes[i]:
+            j += 1
+        groups.append((order[i:j], sizes[i]))
+        i = j
+    return groups
+
+
+def _selected_head(qh, kh, vh, idx, ok, pos, b, scale):
+    """The selected branch for one key head: qh ``[T, G, K]`` (its query heads), kh ``[S, K]``,
+    vh ``[S, V]``, idx/ok ``[T, m]``, query positions ``pos [T]``. Returns ``[T, G, V]``.
+
+    The (query, block) pairs are grouped by block, so each block's b keys are read once for all
+    the queries that selected it: one ``[pairs * G, K] @ [K, b]`` matmul per group of blocks, a
+    softmax partial per pair, merged per query by log-sum-exp."""
+    T, G, K = qh.shape
+    S = kh.shape[0]
     nb = -(-S // b)
-    # 1. the union of the blocks any query of the chunk selected, per (batch, key head): neighbouring
-    #    queries mostly pick the same blocks, so one gather serves all C queries and the scores are one
-    #    [G*C, U*b] matmul per head instead of C matrix-vector products over per-query copies
-    sel = torch.zeros(B, Hk, C, nb, dtype=torch.bool, device=q.device)
-    sel.scatter_(-1, idx, ok)  # [B, Hk, C, nb]
-    union = sel.any(2)  # [B, Hk, nb]
-    U = max(1, int(union.sum(-1).max()))
-    uidx = union.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[..., :U]  # [B, Hk, U]
-    uok = union.gather(-1, uidx)
-    # 2. gather the union's keys and values once: [B, Hk, U*b, D]
-    tok = (uidx.unsqueeze(-1) * b + torch.arange(b, device=q.device)).view(B, Hk, U * b)
-    real = tok < S  # the partial last block's missing tokens
-    flat = tok.clamp(max=S - 1).unsqueeze(-1)
-    kg = k.transpose(1, 2).gather(2, flat.expand(-1, -1, -1, K))
-    vg = v.transpose(1, 2).gather(2, flat.expand(-1, -1, -1, v.shape[-1]))
-    # 3. each query sees the union tokens of its own selected blocks, causally
-    mine = sel.gather(-1, uidx.unsqueeze(2).expand(B, Hk, C, U)) & uok.unsqueeze(2)  # [B, Hk, C, U]
-    seen = mine.unsqueeze(-1).expand(B, Hk, C, U, b).reshape(B, Hk, C, U * b)
-    seen = seen & real.unsqueeze(2) & (tok.unsqueeze(2) <= pos.view(1, 1, C, 1))
-    qg = q.view(B, C, Hk, G, K).permute(0, 2, 3, 1, 4)  # [B, Hk, G, C, K]
-    s = torch.einsum("bhgck,bhsk->bhgcs", qg, kg) * scale
-    s = s.masked_fill(~seen.unsqueeze(2), float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    o = torch.einsum("bhgcs,bhsv->bhgcv", p, vg)  # [B, Hk, G, C, V]
-    return o.permute(0, 3, 1, 2, 4).reshape(B, C, H, -1)
+    t_all = torch.arange(T, device=qh.device).unsqueeze(1).expand_as(idx)
+    j_p, t_p = idx[ok], t_all[ok]  # every selected (block, query) pair
+    order = torch.argsort(j_p, stable=True)
+    j_p, t_p = j_p[order], t_p[order]
+    counts = torch.bincount(j_p, minlength=nb)
+    starts = torch.cumsum(counts, 0) - counts
+    pad = nb * b - S
+    kb = torch.nn.functional.pad(kh, (0, 0, 0, pad)).view(nb, b, K)
+    vb = torch.nn.functional.pad(vh, (0, 0, 0, pad)).view(nb, b, -1)
+    offs = torch.arange(b, device=qh.device)
+    # 1. every pair's masked scores, grouped by block, and each query's largest score
+    parts = []
+    M = torch.full((T,), float("-inf"), dtype=qh.dtype, device=qh.device)
+    for blocks, width in _buckets(counts):
+        n = len(blocks)
+        r = torch.arange(width, device=qh.device)
+        valid = r < counts[blocks].unsqueeze(1)  # [n, width]
+        pair = (starts[blocks].unsqueeze(1) + r).masked_fill(~valid, 0)  # padding reads pair 0
+        t = t_p[pair]  # [n, width]
+        qg = torch.index_select(qh.view(T, G * K), 0, t.reshape(-1)).view(n, width * G, K)
+        s = torch.bmm(qg, kb[blocks].transpose(1, 2)).mul_(scale).view(n, width, G, b)
+        kpos = blocks.view(-1, 1, 1) * b + offs.view(1, 1, b)  # [n, 1, b]
+        # causal inside the own block, the partial last block's padding, and padding rows (all)
+        hidden = (kpos > pos[t].unsqueeze(-1)) | (kpos >= S) | ~valid.unsqueeze(-1)
+        s = s.masked_fill(hidden.unsqueeze(2), float("-inf"))
+        # the largest score of each query over its pairs and heads: a stabiliser only (no
+        # gradient); a padding row is all -inf and leaves M alone
+        m = s.detach().amax(-1).amax(-1)  # [n, width]
+        M = M.scatter_reduce(0, t.reshape(-1), m.reshape(-1), "amax")
+        parts.append((blocks, t, s))
+    # 2. exp(s - M) per pair, so the pairs of a query add up directly: o = sum e v / sum e
+    num = qh.new_zeros(T * G, vb.shape[-1])
+    den = qh.new_zeros(T * G)
+    for blocks, t, s in parts:
+        n, width = t.shape
+        e = torch.exp(s - M[t].view(n, width, 1, 1))  # padding rows: exp(-inf) = 0
+        rows = (t.unsqueeze(-1) * G + torch.arange(G, device=t.device)).reshape(-1)  # query, head
+        num = num.index_add(0, rows, torch.bmm(e.view(n, width * G, b), vb[blocks]).view(-1, num.shape[-1]))
+        den = den.index_add(0, rows, e.sum(-1).reshape(-1))
+    return (num / den.unsqueeze(-1)).view(T, G, -1)
 
 
 def selected(q, k, v, idx, ok, b, scale, chunk):
-    T = q.shape[1]
-    S = k.shape[1]
+    """Selected-block attention ``[B, T, H, V]``, one (batch, key head) at a time; each runs
+    under activation checkpointing, so the backward recomputes it instead of keeping its
+    per-pair scores. ``chunk`` is not used by this form (kept for the op's signature)."""
+    B, T, H, K = q.shape
+    S, Hk = k.shape[1], k.shape[2]
+    G = H // Hk
     pos = torch.arange(S - T, S, device=q.device)
-    outs = []
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    for a in range(0, T, chunk):
-        e = min(a + chunk, T)
-        args = (q[:, a:e], k, v, idx[:, :, a:e], ok[:, :, a:e], pos[a:e], b, scale)
-        outs.append(
-            checkpoint(_selected_chunk, *args, use_reentrant=False) if grad else _selected_chunk(*args)
-        )
-    return torch.cat(outs, 1)
+    qv = q.view(B, T, Hk, G, K)
+    outs = []
+    for bi in range(B):
+        heads = []
+        for h in range(Hk):
+            args = (qv[bi, :, h], k[bi, :, h], v[bi, :, h], idx[bi, h], ok[bi, h], pos, b, scale)
+            heads.append(
+                checkpoint(_selected_head, *args, use_reentrant=False) if grad else _selected_head(*args)
+            )
+        outs.append(torch.stack(heads, 1))  # [T, Hk, G, V]
+    return torch.stack(outs).view(B, T, H, -1)
 
 
 def windowed_suffix(q, k, v, window, scale):
