@@ -118,51 +118,57 @@ def _selected_head(qh, kh, vh, idx, ok, pos, b, scale):
     vh ``[S, V]``, idx/ok ``[T, m]``, query positions ``pos [T]``. Returns ``[T, G, V]``.
 
     The (query, block) pairs are grouped by block, so each block's b keys are read once for all
-    the queries that selected it: one ``[pairs * G, K] @ [K, b]`` matmul per group of blocks, a
-    softmax partial per pair, merged per query by log-sum-exp."""
+    the queries that selected it: one ``[pairs * G, K] @ [K, b]`` matmul per group of blocks.
+    Only a query's own block can hold keys after it (a later block is never selected, and the
+    partial last block is only the own block of its queries), so only own-block pairs, grouped
+    apart, get a causal mask. Padding rows of a group write to a dummy query row ``T``."""
     T, G, K = qh.shape
     S = kh.shape[0]
     nb = -(-S // b)
     t_all = torch.arange(T, device=qh.device).unsqueeze(1).expand_as(idx)
     j_p, t_p = idx[ok], t_all[ok]  # every selected (block, query) pair
-    order = torch.argsort(j_p, stable=True)
-    j_p, t_p = j_p[order], t_p[order]
-    counts = torch.bincount(j_p, minlength=nb)
-    starts = torch.cumsum(counts, 0) - counts
     pad = nb * b - S
     kb = torch.nn.functional.pad(kh, (0, 0, 0, pad)).view(nb, b, K)
     vb = torch.nn.functional.pad(vh, (0, 0, 0, pad)).view(nb, b, -1)
     offs = torch.arange(b, device=qh.device)
-    # 1. every pair's masked scores, grouped by block, and each query's largest score
+    q_flat = qh.reshape(T, G * K)
+    # 1. every pair's scores, grouped by block (own-block pairs apart), and each query's largest
     parts = []
-    M = torch.full((T,), float("-inf"), dtype=qh.dtype, device=qh.device)
-    for blocks, width in _buckets(counts):
-        n = len(blocks)
-        r = torch.arange(width, device=qh.device)
-        valid = r < counts[blocks].unsqueeze(1)  # [n, width]
-        pair = (starts[blocks].unsqueeze(1) + r).masked_fill(~valid, 0)  # padding reads pair 0
-        t = t_p[pair]  # [n, width]
-        qg = torch.index_select(qh.view(T, G * K), 0, t.reshape(-1)).view(n, width * G, K)
-        s = torch.bmm(qg, kb[blocks].transpose(1, 2)).mul_(scale).view(n, width, G, b)
-        kpos = blocks.view(-1, 1, 1) * b + offs.view(1, 1, b)  # [n, 1, b]
-        # causal inside the own block, the partial last block's padding, and padding rows (all)
-        hidden = (kpos > pos[t].unsqueeze(-1)) | (kpos >= S) | ~valid.unsqueeze(-1)
-        s = s.masked_fill(hidden.unsqueeze(2), float("-inf"))
-        # the largest score of each query over its pairs and heads: a stabiliser only (no
-        # gradient); a padding row is all -inf and leaves M alone
-        m = s.detach().amax(-1).amax(-1)  # [n, width]
-        M = M.scatter_reduce(0, t.reshape(-1), m.reshape(-1), "amax")
-        parts.append((blocks, t, s))
+    M = torch.full((T + 1,), float("-inf"), dtype=qh.dtype, device=qh.device)
+    own = j_p == pos[t_p] // b
+    for sel in (own, ~own):
+        j_s, t_s = j_p[sel], t_p[sel]
+        order = torch.argsort(j_s, stable=True)
+        j_s, t_s = j_s[order], t_s[order]
+        counts = torch.bincount(j_s, minlength=nb)
+        starts = torch.cumsum(counts, 0) - counts
+        for blocks, width in _buckets(counts):
+            n = len(blocks)
+            r = torch.arange(width, device=qh.device)
+            valid = r < counts[blocks].unsqueeze(1)  # [n, width]
+            pair = (starts[blocks].unsqueeze(1) + r).masked_fill(~valid, 0)
+            t = t_s[pair].masked_fill(~valid, T)  # padding rows -> the dummy row T
+            qg = torch.index_select(q_flat, 0, t.clamp(max=T - 1).reshape(-1)).view(n, width * G, K)
+            s = torch.bmm(qg, kb[blocks].transpose(1, 2)).mul_(scale).view(n, width, G, b)
+            if sel is own:  # causal inside the own block (and the partial last block's padding)
+                kpos = blocks.view(-1, 1, 1) * b + offs.view(1, 1, b)  # [n, 1, b]
+                hidden = (kpos > pos[t.clamp(max=T - 1)].unsqueeze(-1)) & valid.unsqueeze(-1)
+                s = s.masked_fill(hidden.unsqueeze(2), float("-inf"))
+            # a stabiliser only (no gradient); every real row holds a visible key
+            M = M.scatter_reduce(0, t.reshape(-1), s.detach().amax(-1).amax(-1).reshape(-1), "amax")
+            parts.append((blocks, t, s))
+    M[T] = float("inf")  # the dummy row: exp(s - inf) = 0
     # 2. exp(s - M) per pair, so the pairs of a query add up directly: o = sum e v / sum e
-    num = qh.new_zeros(T * G, vb.shape[-1])
-    den = qh.new_zeros(T * G)
+    num = qh.new_zeros((T + 1) * G, vb.shape[-1])
+    den = qh.new_zeros((T + 1) * G)
+    g = torch.arange(G, device=qh.device)
     for blocks, t, s in parts:
         n, width = t.shape
-        e = torch.exp(s - M[t].view(n, width, 1, 1))  # padding rows: exp(-inf) = 0
-        rows = (t.unsqueeze(-1) * G + torch.arange(G, device=t.device)).reshape(-1)  # query, head
+        e = s.sub_(M[t].view(n, width, 1, 1)).exp_()
+        rows = (t.unsqueeze(-1) * G + g).reshape(-1)  # (query, head) rows
         num = num.index_add(0, rows, torch.bmm(e.view(n, width * G, b), vb[blocks]).view(-1, num.shape[-1]))
         den = den.index_add(0, rows, e.sum(-1).reshape(-1))
-    return (num / den.unsqueeze(-1)).view(T, G, -1)
+    return (num[: T * G] / den[: T * G].unsqueeze(-1)).view(T, G, -1)
 
 
 def selected(q, k, v, idx, ok, b, scale, chunk):
