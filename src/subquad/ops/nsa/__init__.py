@@ -57,7 +57,7 @@ def nsa(
         g_cmp, g_slc, g_swa: ``[B, T, H]`` branch gates (a layer passes sigmoids).
         block_size, block_count, window: ints >= 1.
         scale: default ``K ** -0.5``. cu_seqlens: int64 ``[N + 1]`` packed sequences (B = 1, S = T).
-        chunk_size: queries per gathered chunk of the selected branch (memory knob).
+        chunk_size: query block of the sliding-window branch (``attention``'s chunk_size).
 
     Returns:
         ``o [B, T, H, V]`` in q's dtype.

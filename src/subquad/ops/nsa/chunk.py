@@ -171,10 +171,10 @@ def _selected_head(qh, kh, vh, idx, ok, pos, b, scale):
     return (num[: T * G] / den[: T * G].unsqueeze(-1)).view(T, G, -1)
 
 
-def selected(q, k, v, idx, ok, b, scale, chunk):
+def selected(q, k, v, idx, ok, b, scale):
     """Selected-block attention ``[B, T, H, V]``, one (batch, key head) at a time; each runs
     under activation checkpointing, so the backward recomputes it instead of keeping its
-    per-pair scores. ``chunk`` is not used by this form (kept for the op's signature)."""
+    per-pair scores."""
     B, T, H, K = q.shape
     S, Hk = k.shape[1], k.shape[2]
     G = H // Hk
@@ -214,9 +214,9 @@ def chunk_nsa(q, k, v, g_cmp, g_slc, g_swa, block_size, block_count, window, sca
     T, S, Hk = q.shape[1], k.shape[1], k.shape[2]
     o_cmp, p = compressed(q, k, v, block_size, scale)
     idx, ok = select(p, S, T, block_size, block_count, Hk)
-    o_slc = selected(q, k, v, idx, ok, block_size, scale, chunk)
+    o_slc = selected(q, k, v, idx, ok, block_size, scale)
     if T == S:
-        o_swa = attention(q, k, v, window=window, scale=scale, chunk_size=min(256, max(16, window)))
+        o_swa = attention(q, k, v, window=window, scale=scale, chunk_size=chunk)
     else:
         o_swa = windowed_suffix(q, k, v, window, scale)
     return g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc + g_swa.unsqueeze(-1) * o_swa
