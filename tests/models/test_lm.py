@@ -3,6 +3,8 @@ padding), generate() == a plain argmax loop, save/load round trips through safet
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -129,3 +131,19 @@ def test_config_errors():
     model = tiny("G", num_layers=1)
     with pytest.raises(ValueError, match="input_ids must lie"):
         model(torch.tensor([[V]]))
+
+
+def test_rwkv7_value_residual_reads_the_first_rwkv7_layer():
+    """Only RWKV-7 layers after the first mix in the first one's values: their v0 / v_lora get
+    gradients, the first layer's do not, and turning the residual off changes the output."""
+    model = tiny(["gla", "rwkv7", "rwkv7"], num_layers=3).float()
+    x = ids(2, 9)
+    model(x).logits.square().mean().backward()
+    first, second = model.model.layers[1].mixer, model.model.layers[2].mixer
+    assert first.v0.grad is None and second.v0.grad is not None
+    assert all(p.grad is not None for p in second.v_lora.parameters())
+    off = copy.deepcopy(model)
+    for block in off.model.layers[1:]:
+        block.mixer.value_residual = False
+    with torch.no_grad():
+        assert not torch.allclose(model(x).logits, off(x).logits)

@@ -76,7 +76,11 @@ class Mixer(nn.Module):
 
 class RecurrentMixer(Mixer):
     """A mixer around a stateful op: subclasses implement ``mix``; this class handles padding,
-    the mode rule and the cache's recurrent state."""
+    the mode rule and the cache's recurrent state. A subclass that sets ``uses_shared = True``
+    also gets ``shared``: a dict the model passes to every layer of one forward call (RWKV-7's
+    value residual reads the first RWKV-7 layer's values from it)."""
+
+    uses_shared = False
 
     def mix(
         self,
@@ -99,6 +103,7 @@ class RecurrentMixer(Mixer):
         cache: LayerCache | None = None,
         cu_seqlens: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        shared: dict | None = None,
     ) -> torch.Tensor:
         check_layer_call(x, self.hidden_size, cache, cu_seqlens, attention_mask)
         x = autocast_input(x)
@@ -114,6 +119,7 @@ class RecurrentMixer(Mixer):
             cu_seqlens=cu_seqlens,
             keep=keep,
             initial_state=cache.state if cache is not None else None,
+            **({"shared": shared} if self.uses_shared else {}),
         )
         if cache is not None:
             cache.state = state.detach() if state is not None else None
@@ -414,11 +420,23 @@ class RWKV7(RecurrentMixer):
     learned interpolation, decay ``w = -0.6065 * sigmoid(w0 + W2 tanh(W1 x))`` (log-space, so
     ``exp(w)`` lies in (0.545, 1)), in-context learning rate ``a = sigmoid(a0 + W2 W1 x)``, the
     normalised removal key ``kk``, the op's low-rank pair ``a_op = -kk``, ``b_op = kk * a``, per-head
-    norm, the ``(r . k * r_k) v`` bonus and the output gate. (The value residual of the paper's
-    full model is left out.)"""
+    norm, the ``(r . k * r_k) v`` bonus and the output gate.
+
+    Value residual (the paper's full model, ``value_residual=True``): the first RWKV-7 layer of a
+    model stores its values in the forward call's ``shared`` dict, and every later one mixes them
+    in, ``v = v + (v_first - v) * sigmoid(v0 + W2 W1 x)``. A layer called without ``shared`` (alone)
+    is a first layer."""
+
+    uses_shared = True
 
     def __init__(
-        self, hidden_size: int, num_heads: int, head_dim: int | None = None, *, low_rank: int = 32
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int | None = None,
+        *,
+        low_rank: int = 32,
+        value_residual: bool = True,
     ) -> None:
         super().__init__(hidden_size, num_heads, head_dim)
         inner = num_heads * self.head_dim
@@ -432,19 +450,31 @@ class RWKV7(RecurrentMixer):
         self.g_lora = nn.Sequential(
             nn.Linear(D, low_rank, bias=False), nn.Sigmoid(), nn.Linear(low_rank, inner)
         )
+        self.value_residual = value_residual
+        if value_residual:
+            self.v0 = nn.Parameter(torch.ones(inner))  # sigmoid(1) = 0.73 of v_first at the start
+            self.v_lora = nn.Sequential(
+                nn.Linear(D, low_rank, bias=False), nn.Linear(low_rank, inner, bias=False)
+            )
         self.k_k = nn.Parameter(torch.full((inner,), 0.85))
         self.k_a = nn.Parameter(torch.ones(inner))
         self.r_k = nn.Parameter(torch.zeros(num_heads, self.head_dim))
         self.o_norm = GatedHeadNorm(self.head_dim)
         self.o_proj = nn.Linear(inner, D, bias=False)
 
-    def mix(self, x, *, mode, cache, cu_seqlens, keep, initial_state):
+    def mix(self, x, *, mode, cache, cu_seqlens, keep, initial_state, shared=None):
         delta = token_shift(x, cache=cache, name="shift", cu_seqlens=cu_seqlens) - x
         xr, xw, xk, xv, xa, xg = (x + delta * m.to(x.dtype) for m in self.mu)
         r = self._heads(self.r_proj(xr))
         w = -0.606531 * torch.sigmoid(upcast(self._heads(self.w_lora(xw))))
         k = self.k_proj(xk)
         v = _masked(self._heads(self.v_proj(xv)), keep)
+        if self.value_residual and shared is not None:
+            if "rwkv7_v_first" not in shared:
+                shared["rwkv7_v_first"] = v  # the first RWKV-7 layer of this call
+            else:
+                mix = torch.sigmoid(self._heads(self.v0.to(x.dtype) + self.v_lora(xv)))
+                v = v + (shared["rwkv7_v_first"] - v) * mix
         lr = torch.sigmoid(upcast(self.a_lora(xa))).to(x.dtype)
         kk = F.normalize(upcast(self._heads(k * self.k_k.to(x.dtype))), dim=-1).to(x.dtype)
         k = _masked(self._heads(k * (1 + (lr - 1) * self.k_a.to(x.dtype))), keep)

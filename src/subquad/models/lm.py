@@ -45,9 +45,11 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cache=None, cu_seqlens=None, attention_mask=None):
+    def forward(self, x, cache=None, cu_seqlens=None, attention_mask=None, shared=None):
+        """``shared``: one dict per model call, handed to mixers that use it (``uses_shared``)."""
+        extra = {"shared": shared} if getattr(self.mixer, "uses_shared", False) else {}
         x = x + self.mixer(
-            self.mixer_norm(x), cache=cache, cu_seqlens=cu_seqlens, attention_mask=attention_mask
+            self.mixer_norm(x), cache=cache, cu_seqlens=cu_seqlens, attention_mask=attention_mask, **extra
         )
         return x + self.mlp(self.mlp_norm(x))
 
@@ -123,9 +125,12 @@ class SubquadModel(SubquadPreTrainedModel):
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing padded: take the unmasked fast paths
         x = inputs_embeds
+        shared: dict = {}  # per-call values layers pass on (RWKV-7's first-layer values)
         for i, block in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            x = block(x, cache=layer_cache, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
+            x = block(
+                x, cache=layer_cache, cu_seqlens=cu_seqlens, attention_mask=attention_mask, shared=shared
+            )
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=cache)
 
 
