@@ -34,7 +34,7 @@ from subquad.layers.modules import (
     ShortConvolution,
     autocast_input,
     check_layer_call,
-    positions_in_sequence,
+    token_positions,
     token_shift,
     upcast,
 )
@@ -81,6 +81,8 @@ class RecurrentMixer(Mixer):
     value residual reads the first RWKV-7 layer's values from it)."""
 
     uses_shared = False
+    #: a subclass that sets this gets ``positions`` (``token_positions``) in ``mix``
+    uses_positions = False
 
     def mix(
         self,
@@ -120,6 +122,15 @@ class RecurrentMixer(Mixer):
             keep=keep,
             initial_state=cache.state if cache is not None else None,
             **({"shared": shared} if self.uses_shared else {}),
+            **(
+                {
+                    "positions": token_positions(
+                        T, cache.seen_tokens if cache else 0, cu_seqlens, attention_mask, x.device
+                    )
+                }
+                if self.uses_positions
+                else {}
+            ),
         )
         if cache is not None:
             cache.state = state.detach() if state is not None else None
@@ -194,10 +205,24 @@ def retnet_log_decays(num_heads: int) -> torch.Tensor:
 class RetNet(RecurrentMixer):
     """Retention / Lightning attention: ``simple_gla`` with a constant per-head decay ``g_gamma``
     (RetNet, https://arxiv.org/abs/2307.08621; Lightning Attention-2, https://arxiv.org/abs/2401.04658),
-    swish output gate and per-head norm. (RetNet's xPos rotation of q and k is left out.)"""
+    swish output gate and per-head norm. ``rotary=True`` (default) applies RetNet's rotation
+    ``q_n e^{i n theta}``, ``k_m e^{-i m theta}`` (the xPos rotation without its extra scale, which the
+    decay takes over, as in the paper's final form): rotary embeddings of q and k at the tokens'
+    positions, so scores depend on ``n - m``."""
 
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int | None = None) -> None:
+    uses_positions = True
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int | None = None,
+        *,
+        rotary: bool = True,
+        rope_base: float = 10000.0,
+    ) -> None:
         super().__init__(hidden_size, num_heads, head_dim)
+        self.rotary = RotaryEmbedding(self.head_dim, rope_base) if rotary else None
         inner = num_heads * self.head_dim
         self.q_proj = nn.Linear(hidden_size, inner, bias=False)
         self.k_proj = nn.Linear(hidden_size, inner, bias=False)
@@ -206,9 +231,12 @@ class RetNet(RecurrentMixer):
         self.o_norm = GatedHeadNorm(self.head_dim)
         self.o_proj = nn.Linear(inner, hidden_size, bias=False)
 
-    def mix(self, x, *, mode, cache, cu_seqlens, keep, initial_state):
+    def mix(self, x, *, mode, cache, cu_seqlens, keep, initial_state, positions=None):
         q = self._heads(self.q_proj(x))
-        k = _masked(self._heads(self.k_proj(x)), keep)
+        k = self._heads(self.k_proj(x))
+        if self.rotary is not None:
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        k = _masked(k, keep)
         v = _masked(self._heads(self.v_proj(x)), keep)
         o, state = ops.simple_gla(
             q,
@@ -629,12 +657,7 @@ class Attention(Mixer):
         q = self._heads(self.q_proj(x))
         k = self.k_proj(x).unflatten(-1, (Hk, d))
         v = self.v_proj(x).unflatten(-1, (Hk, d))
-        if attention_mask is not None:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # [B, T]
-        elif cu_seqlens is not None:
-            positions = positions_in_sequence(T, cu_seqlens, x.device)
-        else:
-            positions = torch.arange(past, past + T, device=x.device)
+        positions = token_positions(T, past, cu_seqlens, attention_mask, x.device)
         return self.rotary(q, positions), self.rotary(k, positions), v
 
     def _masked_attention(self, q, k, v, attention_mask, past):

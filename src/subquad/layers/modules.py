@@ -31,6 +31,23 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def token_positions(
+    T: int,
+    past: int,
+    cu_seqlens: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Position of each of a call's T tokens: ``[B, T]`` counted over real tokens when left-padded
+    (so a padded row sees the positions of its unpadded sequence), ``[T]`` per packed sequence, or
+    ``past .. past + T`` after ``past`` cached tokens."""
+    if attention_mask is not None:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+    if cu_seqlens is not None:
+        return positions_in_sequence(T, cu_seqlens, device)
+    return torch.arange(past, past + T, device=device)
+
+
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
     """``x`` in the autocast dtype when autocast is on for its device (else unchanged), so that the
     projections, the gates computed from ``x`` and every op input share one dtype."""
@@ -171,9 +188,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # x: [B, T, H, D]; positions: [T] or [B, T]
-        exponents = torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float32) / self.head_dim
+        # angles in float64 for float64 inputs (float32 angles would limit them to ~1e-7)
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        exponents = torch.arange(0, self.head_dim, 2, device=x.device, dtype=dt) / self.head_dim
         inv_freq = 1.0 / (self.base**exponents)
-        angles = positions.to(torch.float32)[..., None] * inv_freq  # [(B,) T, D/2]
+        angles = positions.to(dt)[..., None] * inv_freq  # [(B,) T, D/2]
         if angles.ndim == 2:
             angles = angles[None]
         cos = angles.cos()[:, :, None, :]
