@@ -626,11 +626,8 @@ class Attention(Mixer):
         cu_seqlens: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        check_layer_call(x, self.hidden_size, cache, cu_seqlens, attention_mask)
-        x = autocast_input(x)
+        x, past, q, k, v = self.prepare(x, cache, cu_seqlens, attention_mask)
         T = x.shape[1]
-        past = cache.seen_tokens if cache is not None else 0
-        q, k, v = self.rotated_qkv(x, past, cu_seqlens, attention_mask)
         # attention over the keys this call may see
         if cache is None and attention_mask is None:
             o = ops.attention(q, k, v, causal=True, window=self.window, cu_seqlens=cu_seqlens)
@@ -648,6 +645,14 @@ class Attention(Mixer):
         if cache is not None:
             cache.seen_tokens += T
         return self.o_proj(o.flatten(-2))
+
+    def prepare(self, x, cache, cu_seqlens, attention_mask):
+        """The shared start of a call: checks, the autocast input, the cached token count and
+        ``(x, past, q, k, v)`` from ``rotated_qkv``."""
+        check_layer_call(x, self.hidden_size, cache, cu_seqlens, attention_mask)
+        x = autocast_input(x)
+        past = cache.seen_tokens if cache is not None else 0
+        return (x, past, *self.rotated_qkv(x, past, cu_seqlens, attention_mask))
 
     def rotated_qkv(self, x, past, cu_seqlens, attention_mask):
         """Projections ``q [B, T, H, d]``, ``k, v [B, T, Hk, d]`` with rotary embeddings at the
@@ -736,11 +741,8 @@ class NSA(Attention):
         cu_seqlens: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        check_layer_call(x, self.hidden_size, cache, cu_seqlens, attention_mask)
-        x = autocast_input(x)
+        x, _, q, k, v = self.prepare(x, cache, cu_seqlens, attention_mask)
         B, T = x.shape[:2]
-        past = cache.seen_tokens if cache is not None else 0
-        q, k, v = self.rotated_qkv(x, past, cu_seqlens, attention_mask)
         gates = torch.sigmoid(self.g_proj(x)).unflatten(-1, (3, self.num_heads)).unbind(2)
         if cache is not None:
             cache.append_kv(k, v)
