@@ -18,6 +18,7 @@ SMALL = {
     "based": {"key_dim": 4},
     "mamba2": {"state_size": 8},
     "nsa": {"block_size": 2, "block_count": 2, "window": 3},  # every branch at these lengths
+    "routing": {"num_clusters": 3},
 }
 
 
@@ -198,3 +199,14 @@ def test_retnet_rotation_is_relative():
     assert rot is not None
     assert_close(shifted, y, dtype=torch.float64, name="retnet shifted positions")
     assert not torch.allclose(plain, y)
+
+
+def test_routing_centroids_move_in_training_only():
+    mixer = build("routing")
+    before = mixer.centroids.clone()
+    with torch.no_grad():
+        mixer(inputs(2, 9))  # eval mode: routing only
+    assert torch.equal(mixer.centroids, before)
+    mixer.train()
+    mixer(inputs(2, 9).float().double())
+    assert not torch.equal(mixer.centroids, before)

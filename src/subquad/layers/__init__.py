@@ -25,6 +25,7 @@ from subquad.layers.mixers import (
     OpMixer,
     RecurrentMixer,
     RetNet,
+    RoutingAttention,
 )
 from subquad.layers.modules import RMSNorm, RotaryEmbedding, ShortConvolution
 
@@ -46,6 +47,7 @@ MIXERS: dict[str, tuple[type[Mixer], dict[str, Any]]] = {
     "rwkv7": (RWKV7, {}),
     "mom": (MoM, {}),
     "nsa": (NSA, {}),
+    "routing": (RoutingAttention, {}),
 }
 
 #: one-letter codes for layer patterns such as ``"GGGA"``
@@ -74,6 +76,7 @@ OP_LAYERS = {
     "rwkv7": "rwkv7",
     "mom": "mom",
     "nsa": "nsa",
+    "routing_attention": "routing",
 }
 
 
@@ -116,6 +119,7 @@ __all__ = [
     "RecurrentMixer",
     "RetNet",
     "RotaryEmbedding",
+    "RoutingAttention",
     "ShortConvolution",
     "make_feature_map",
     "make_mixer",

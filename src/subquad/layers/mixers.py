@@ -38,6 +38,7 @@ from subquad.layers.modules import (
     token_shift,
     upcast,
 )
+from subquad.ops import routing
 
 
 def decode_mode(T: int) -> str:
@@ -665,11 +666,12 @@ class Attention(Mixer):
         positions = token_positions(T, past, cu_seqlens, attention_mask, x.device)
         return self.rotary(q, positions), self.rotary(k, positions), v
 
-    def _masked_attention(self, q, k, v, attention_mask, past):
+    def _masked_attention(self, q, k, v, attention_mask, past, extra=None):
         """Exact attention of T new queries over S = cached + new keys, with causal / window rules
         by absolute slot and padded keys masked; a padded query also sees itself (its output is
-        unused, and it must not be a softmax over nothing). Queries go in blocks so the score
-        matrix of one block stays below ``MASKED_SCORE_ELEMENTS``."""
+        unused, and it must not be a softmax over nothing). ``extra`` (bool ``[B, H, T, S]``)
+        further restricts which keys a query sees, its own key always kept. Queries go in blocks
+        so the score matrix of one block stays below ``MASKED_SCORE_ELEMENTS``."""
         B, T, H, _ = q.shape
         S = k.shape[1]
         total = past + T
@@ -691,15 +693,82 @@ class Attention(Mixer):
             allowed = allowed[None]  # [1, t, S]
             if key_ok is not None:
                 allowed = (allowed & key_ok) | (qi == kj)[None]
+            mask = allowed[:, None]  # [B or 1, 1, t, S]
+            if extra is not None:
+                mask = mask & (extra[:, :, start:stop] | (qi == kj))
             qh = q[:, start:stop].transpose(1, 2)
-            outs.append(
-                F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed[:, None]).transpose(1, 2)
-            )
+            outs.append(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask).transpose(1, 2))
         return torch.cat(outs, dim=1)
 
 
 #: largest score matrix (elements) one block of the masked attention path materialises
 MASKED_SCORE_ELEMENTS = 1 << 25
+
+
+class RoutingAttention(Attention):
+    """Routing Transformer attention (Roy et al. 2021, https://arxiv.org/abs/2003.05997) as a layer:
+    ``Attention``'s rotary q/k/v projections, and each query attends causally to the keys of its
+    own k-means cluster (and its own key) through ``subquad.ops.routing_attention``. The centroids
+    ``[Hk, M, d]`` are a buffer (saved with the model), moved by the paper's exponential moving
+    average after every training-mode call (``update_centroids``), not by gradients. The cache
+    keeps every key and value; a cached or padded call routes the cached keys with the same
+    centroids and runs the masked exact path, which equals the op on the whole sequence.
+
+    Args (beyond ``Attention``'s, without ``window``): num_clusters M, decay of the EMA.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int | None = None,
+        *,
+        num_kv_heads: int | None = None,
+        num_clusters: int = 8,
+        decay: float = 0.999,
+        rope_base: float = 10000.0,
+    ) -> None:
+        super().__init__(hidden_size, num_heads, head_dim, num_kv_heads=num_kv_heads, rope_base=rope_base)
+        if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
+            raise ValueError(f"num_clusters must be an int >= 1, got {num_clusters!r}")
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+        self.decay = decay
+        self.register_buffer("centroids", torch.randn(self.num_kv_heads, num_clusters, self.head_dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: LayerCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x, past, q, k, v = self.prepare(x, cache, cu_seqlens, attention_mask)
+        T = x.shape[1]
+        c = self.centroids.to(q.dtype).clone()  # this call's routing, unaffected by the update below
+        if cache is None and attention_mask is None:
+            o = ops.routing_attention(q, k, v, c, cu_seqlens=cu_seqlens)
+        else:
+            prev = cache.keys_values() if cache is not None else None
+            k_all = k if prev is None else torch.cat([prev[0], k], dim=1)
+            v_all = v if prev is None else torch.cat([prev[1], v], dim=1)
+            G = self.num_heads // self.num_kv_heads
+            cq = routing.assign(q, c).transpose(1, 2)  # [B, H, T]
+            ck = routing.assign(k_all, c).repeat_interleave(G, dim=2).transpose(1, 2)  # [B, H, S]
+            same = cq.unsqueeze(-1) == ck.unsqueeze(-2)  # [B, H, T, S]
+            o = self._masked_attention(q, k_all, v_all, attention_mask, past, extra=same)
+            if cache is not None:
+                cache.append_kv(k, v)
+        if cache is not None:
+            cache.seen_tokens += T
+        if self.training and T > 0:
+            keep = attention_mask[:, -T:].bool() if attention_mask is not None else None
+            qd, kd = q.detach(), k.detach()
+            if keep is not None:  # padding takes no part in the k-means step
+                qd, kd = qd[keep].unsqueeze(0), kd[keep].unsqueeze(0)
+            with torch.no_grad():
+                self.centroids.copy_(routing.update_centroids(self.centroids, qd, kd, self.decay))
+        return self.o_proj(o.flatten(-2))
 
 
 class NSA(Attention):
