@@ -19,6 +19,7 @@ SMALL = {
     "mamba2": {"state_size": 8},
     "nsa": {"block_size": 2, "block_count": 2, "window": 3},  # every branch at these lengths
     "routing": {"num_clusters": 3},
+    "hyper": {"block_size": 2, "num_samples": 3},  # exact below min_seq_len (256): see below
 }
 
 
@@ -210,3 +211,19 @@ def test_routing_centroids_move_in_training_only():
     mixer.train()
     mixer(inputs(2, 9).float().double())
     assert not torch.equal(mixer.centroids, before)
+
+
+def test_hyper_layer_estimates_uncached_calls_and_decodes_exactly():
+    """Above min_seq_len an uncached call is HyperAttention's estimate (not exact attention); after
+    a prefill, decoding steps are exact attention over the cache."""
+    approx = build("hyper")
+    approx.hyper["min_seq_len"] = 4
+    exact = build("hyper")  # same weights, exact at these lengths
+    x = inputs(2, 12)
+    with torch.no_grad():
+        est, ref = approx(x), exact(x)
+        cache = LayerCache()
+        approx(x[:, :6], cache=cache)
+        steps = torch.cat([approx(x[:, t : t + 1], cache=cache) for t in range(6, 12)], dim=1)
+    assert not torch.allclose(est, ref)
+    assert_close(steps, ref[:, 6:], dtype=torch.float64, name="hyper decode steps")

@@ -18,6 +18,7 @@ from subquad.layers.mixers import (
     Attention,
     DeltaNet,
     GatedDeltaNet,
+    HyperAttention,
     LinearAttention,
     Mamba2,
     Mixer,
@@ -48,6 +49,7 @@ MIXERS: dict[str, tuple[type[Mixer], dict[str, Any]]] = {
     "mom": (MoM, {}),
     "nsa": (NSA, {}),
     "routing": (RoutingAttention, {}),
+    "hyper": (HyperAttention, {}),
 }
 
 #: one-letter codes for layer patterns such as ``"GGGA"``
@@ -77,6 +79,7 @@ OP_LAYERS = {
     "mom": "mom",
     "nsa": "nsa",
     "routing_attention": "routing",
+    "hyper_attention": "hyper",
 }
 
 
@@ -109,6 +112,7 @@ __all__ = [
     "Attention",
     "DeltaNet",
     "GatedDeltaNet",
+    "HyperAttention",
     "LayerCache",
     "LinearAttention",
     "Mamba2",

@@ -705,6 +705,67 @@ class Attention(Mixer):
 MASKED_SCORE_ELEMENTS = 1 << 25
 
 
+class HyperAttention(Attention):
+    """HyperAttention (Han et al. 2024, https://arxiv.org/abs/2310.05774) as a layer: ``Attention``'s
+    rotary q/k/v projections with ``subquad.ops.hyper_attention`` (LSH-sorted blocks + sampled keys,
+    causal by the recursive split, exact below ``min_seq_len``) for calls that start a sequence
+    without padding (training, and the prefill of a fresh cache). HyperAttention speeds up long
+    prefills; decoding steps, calls after a cached prefix and left-padded calls run exact attention
+    (the masked path), so a cached sequence longer than ``min_seq_len`` gets exact attention where
+    the uncached forward uses the estimate.
+
+    Args (beyond ``Attention``'s, without ``window``): block_size, num_samples, lsh_bits,
+    min_seq_len, seed of the op.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int | None = None,
+        *,
+        num_kv_heads: int | None = None,
+        block_size: int = 64,
+        num_samples: int = 64,
+        lsh_bits: int = 6,
+        min_seq_len: int = 256,
+        seed: int = 0,
+        rope_base: float = 10000.0,
+    ) -> None:
+        super().__init__(hidden_size, num_heads, head_dim, num_kv_heads=num_kv_heads, rope_base=rope_base)
+        self.hyper = {
+            "block_size": block_size,
+            "num_samples": num_samples,
+            "lsh_bits": lsh_bits,
+            "min_seq_len": min_seq_len,
+            "seed": seed,
+        }
+        for name, value in self.hyper.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
+                raise ValueError(f"{name} must be an int >= {0 if name == 'seed' else 1}, got {value!r}")
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: LayerCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x, past, q, k, v = self.prepare(x, cache, cu_seqlens, attention_mask)
+        T = x.shape[1]
+        if past == 0 and attention_mask is None:
+            o = ops.hyper_attention(q, k, v, cu_seqlens=cu_seqlens, **self.hyper)
+        else:
+            prev = cache.keys_values() if cache is not None else None
+            k_all = k if prev is None else torch.cat([prev[0], k], dim=1)
+            v_all = v if prev is None else torch.cat([prev[1], v], dim=1)
+            o = self._masked_attention(q, k_all, v_all, attention_mask, past)
+        if cache is not None:
+            cache.append_kv(k, v)
+            cache.seen_tokens += T
+        return self.o_proj(o.flatten(-2))
+
+
 class RoutingAttention(Attention):
     """Routing Transformer attention (Roy et al. 2021, https://arxiv.org/abs/2003.05997) as a layer:
     ``Attention``'s rotary q/k/v projections, and each query attends causally to the keys of its
