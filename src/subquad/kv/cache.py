@@ -13,6 +13,11 @@ seen at; ``get_seq_length`` counts every token seen, so new tokens get the next 
 Attention over the two parts goes through :mod:`subquad.kv.attention` (a registered attention
 implementation); until a layer has compressed anything it calls the model's own attention
 function on the tail, bit for bit what a ``DynamicCache`` gives.
+
+Beam search and batch expansion select rows (``reorder_cache``, ``batch_select_indices``,
+``batch_repeat_interleave``): the tail and per-row state are indexed, and the packed tokens of each
+selected ``(row, head)`` segment are gathered, so a selected row equals that row's own cache
+(tested against caches built from each prompt alone, plain and int8).
 """
 
 from __future__ import annotations
@@ -204,14 +209,46 @@ class CompressedLayer(CacheLayerMixin):
         self.comp_k = self.comp_v = self.comp_n = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("CompressedCache does not support beam search")
+        """Beam search: row r of the cache becomes old row ``beam_idx[r]``."""
+        self._select_rows(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            raise NotImplementedError("CompressedCache: repeat the batch before the first forward")
+            self._select_rows(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("CompressedCache does not support selecting batch rows")
+        self._select_rows(indices)
+
+    def _select_rows(self, idx: torch.Tensor) -> None:
+        """Keep batch rows ``idx`` (repeats allowed, any order) of everything held: the dense tail and
+        per-row state by indexing, the packed tokens by gathering each selected (row, head) segment."""
+        if not self.is_initialized:
+            return
+        dev = self.keys.device
+        idx = torch.as_tensor(idx, device=dev).long()
+        h = self.keys.shape[1]
+        self.keys, self.values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
+        self.tstats = {n: t.index_select(0, idx) for n, t in self.tstats.items()}
+        for name in ("qwin", "comp_k", "comp_v", "comp_n", "kchan"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, idx.to(t.device)))
+        if self.pk is None:
+            return
+        lens = self.plen.flatten().to(dev)
+        starts = torch.cumsum(lens, 0) - lens
+        seg = (idx.unsqueeze(1) * h + torch.arange(h, device=dev)).flatten()  # old (row, head) segments
+        new_len = lens[seg]
+        first = torch.cumsum(new_len, 0) - new_len
+        tok = torch.repeat_interleave(starts[seg] - first, new_len) + torch.arange(
+            int(new_len.sum()), device=dev
+        )
+        for name in ("pk", "pv", "ppos", "kgroup", "vscale", "vzero"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[tok.to(t.device)])
+        self.pstats = {n: t[tok.to(t.device)] for n, t in self.pstats.items()}
+        self.plen = self.plen[idx.to(self.plen.device)]
 
     # --- sizes ---------------------------------------------------------------------------------
 
