@@ -617,8 +617,26 @@ def test_think_on_top_of_snapkv_evicts_tokens_and_channels():
             model(ids(1, 1, seed=s), cache=cache)
     layer = cache.layers[1]
     assert layer.pk.shape[1] == 4 and int(cache.held_tokens().max()) <= 70 + 32
-    with pytest.raises(ValueError, match="do not compose"):
-        kv.CompressedCache(model, kv.ThinK("snapkv"), ratio=0.5, quant="int8")
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_think_composes_with_quantization(quant):
+    """ThinK + quant stores codes of the kept channels only and attends like ThinK alone up to the
+    quantization error; the bytes shrink further."""
+    model = tiny_llama(layers=2, head_dim=16)
+    x, nxt = ids(1, 80), ids(1, 4, seed=7)
+    with torch.no_grad():
+        think = kv.CompressedCache(model, kv.ThinK("snapkv", channels=0.5), ratio=0.5)
+        model(x, cache=think)
+        ref = model(nxt, cache=think).logits
+        both = kv.CompressedCache(model, kv.ThinK("snapkv", channels=0.5), ratio=0.5, quant=quant)
+        model(x, cache=both)
+        out = model(nxt, cache=both).logits
+    layer, plain = both.layers[0], think.layers[0]
+    assert torch.equal(layer.kchan, plain.kchan)  # same channels chosen
+    assert layer.pk.shape[1] == (8 if quant == "int8" else 4)  # 8 channels: bytes of codes
+    assert both.kv_bytes() < 0.6 * think.kv_bytes()
+    assert (out - ref).abs().max() < (0.02 if quant == "int8" else 0.1) * ref.abs().max()
 
 
 def test_compression_frees_the_old_tail():

@@ -133,8 +133,6 @@ class CompressedLayer(CacheLayerMixin):
         self.quant = check_quant(quant)
         # ThinK: fraction of key channels the packed keys keep (channel set per head, fixed once chosen)
         self.key_channels = getattr(policy, "key_channels", None)
-        if self.key_channels is not None and self.quant:
-            raise ValueError("key-channel pruning (ThinK) and quant do not compose yet; use one of them")
         self.kchan = None
         self.layer_idx = layer_idx
         self.num_layers = num_layers
@@ -447,6 +445,8 @@ class CompressedLayer(CacheLayerMixin):
             if getattr(self.policy, "compensate", False):
                 self._compensate(keys, values, real & ~keep)
         if self.quant:
+            if self.key_channels is not None and self.kchan is None:
+                self._choose_channels(keys, chunk_queries)
             self._store_quantized(keep, pad)
         else:
             self.pk = (
@@ -463,23 +463,29 @@ class CompressedLayer(CacheLayerMixin):
         self.compressions += 1
         self.seen_at_compression = self.seen
 
-    def _pruned_keys(self, keys: torch.Tensor, keep: torch.Tensor, chunk_queries) -> torch.Tensor:
-        """Kept keys ``[N, Dk]`` with only their head's kept channels (ThinK, Xu et al. 2024,
-        https://arxiv.org/abs/2407.21018): channel ``c`` of a head scores ``|Q_w[:, c]| |K[:, c]|``, the
-        norms of the recent queries of its query heads and of its held keys; the top ``key_channels``
-        fraction is kept, chosen at the first compression and fixed after (pruned keys cannot regain
-        channels)."""
+    def _choose_channels(self, keys: torch.Tensor, chunk_queries) -> None:
+        """Fix each head's kept key channels (ThinK, Xu et al. 2024, https://arxiv.org/abs/2407.21018):
+        channel ``c`` of a head scores ``|Q_w[:, c]| |K[:, c]|``, the norms of the recent queries of its
+        query heads and of its held keys ``keys [B, H, L, D]``; the top ``key_channels`` fraction is
+        kept (an even count with int4, whose codes pack two channels per byte), chosen at the first
+        compression and fixed after (pruned keys cannot regain channels)."""
         b, h, _, d = keys.shape
+        queries = self.qwin if self.query_window else chunk_queries
+        if queries is None:
+            raise ValueError("ThinK needs queries to rank key channels (run a forward first)")
+        window = getattr(self.policy, "observation", queries.shape[-2])
+        q = queries[:, :, -window:].float()
+        q_norm = q.reshape(b, h, -1, d).norm(dim=2)  # over the group's heads and window rows
+        k_norm = keys.float().norm(dim=2)
+        n_keep = max(1, math.ceil(self.key_channels * d))
+        if self.quant == "int4":
+            n_keep = min(d, n_keep + n_keep % 2)
+        self.kchan = (q_norm * k_norm).topk(n_keep, dim=-1).indices.sort(dim=-1).values
+
+    def _pruned_keys(self, keys: torch.Tensor, keep: torch.Tensor, chunk_queries) -> torch.Tensor:
+        """Kept keys ``[N, Dk]`` with only their head's kept channels (see ``_choose_channels``)."""
         if self.kchan is None:
-            queries = self.qwin if self.query_window else chunk_queries
-            if queries is None:
-                raise ValueError("ThinK needs queries to rank key channels (run a forward first)")
-            window = getattr(self.policy, "observation", queries.shape[-2])
-            q = queries[:, :, -window:].float()
-            q_norm = q.reshape(b, h, -1, d).norm(dim=2)  # over the group's heads and window rows
-            k_norm = keys.float().norm(dim=2)
-            n_keep = max(1, math.ceil(self.key_channels * d))
-            self.kchan = (q_norm * k_norm).topk(n_keep, dim=-1).indices.sort(dim=-1).values
+            self._choose_channels(keys, chunk_queries)
         rows = keep.nonzero()
         seg_channels = self.kchan[rows[:, 0], rows[:, 1]]  # [N, Dk]
         return keys[keep].gather(1, seg_channels)
@@ -549,7 +555,7 @@ class CompressedLayer(CacheLayerMixin):
     def _store_quantized(self, keep: torch.Tensor, pad) -> None:
         """Kept packed tokens keep their codes; kept tail tokens are quantized, one key group per head."""
         bits = BITS[self.quant]
-        b, h, tail, d = self.keys.shape
+        b, h, tail = self.keys.shape[:3]
         old_groups = 0 if self.kscale is None else self.kscale.shape[0]
         parts_k, parts_g, parts_v, parts_vs, parts_vz = [], [], [], [], []
         scales, zeros = [], []
@@ -562,7 +568,10 @@ class CompressedLayer(CacheLayerMixin):
             scales.append(self.kscale)
             zeros.append(self.kzero)
         if tail:
-            kc, ks, kz = quantize(self.keys, dim=2, bits=bits)  # per channel over the head's tail tokens
+            tk = self.keys
+            if self.kchan is not None:  # ThinK: only the head's kept channels are quantized and stored
+                tk = tk.gather(3, self.kchan.unsqueeze(2).expand(b, h, tail, -1))
+            kc, ks, kz = quantize(tk, dim=2, bits=bits)  # per channel over the head's tail tokens
             vc, vs, vz = quantize(self.values, dim=3, bits=bits)  # per token
             group = torch.arange(old_groups, old_groups + b * h, device=kc.device, dtype=torch.int32)
             parts_k.append(kc)
@@ -570,8 +579,8 @@ class CompressedLayer(CacheLayerMixin):
             parts_v.append(vc)
             parts_vs.append(vs)
             parts_vz.append(vz)
-            scales.append(ks.reshape(b * h, d))
-            zeros.append(kz.reshape(b * h, d))
+            scales.append(ks.reshape(b * h, -1))
+            zeros.append(kz.reshape(b * h, -1))
         self.pk = torch.cat(parts_k, dim=2)[keep]
         self.pv = torch.cat(parts_v, dim=2)[keep]
         self.vscale = torch.cat(parts_vs, dim=2)[keep]
