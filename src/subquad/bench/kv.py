@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from subquad.bench.machine import load_average, machine_info, results_dir
 
-ALL_POLICIES = ("streamingllm", "h2o", "snapkv", "pyramidkv", "tova", "duo", "razor")
+ALL_POLICIES = ("streamingllm", "h2o", "snapkv", "pyramidkv", "tova", "lazy", "duo", "razor", "think")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,7 +178,10 @@ def run_passkey(model, tokenizer, cfg: KVBenchConfig, roles, bar) -> list[dict]:
     from subquad.kv.passkey import passkey_prompt
 
     rows = []
-    track = "h2o" in cfg.policies
+    from subquad.kv.policies import POLICIES
+
+    # capture per-token statistics when any policy scores with them (H2O's attention, LazyEviction's hits)
+    track = any(POLICIES[name].token_stats for name in cfg.policies if name in POLICIES)
     for context in cfg.contexts:
         for depth in cfg.depths:
             for sample in range(cfg.samples):
@@ -244,7 +247,10 @@ def _heldout_ids(tokenizer, need: int) -> torch.Tensor:
 def run_perplexity(model, tokenizer, cfg: KVBenchConfig, roles, bar) -> list[dict]:
     seg_len = cfg.ppl_context + cfg.ppl_continuation
     ids = _heldout_ids(tokenizer, seg_len * cfg.ppl_segments)
-    track = "h2o" in cfg.policies
+    from subquad.kv.policies import POLICIES
+
+    # capture per-token statistics when any policy scores with them (H2O's attention, LazyEviction's hits)
+    track = any(POLICIES[name].token_stats for name in cfg.policies if name in POLICIES)
     nll: dict[tuple[str, float], list[float]] = {}
     kept: dict[tuple[str, float], list[float]] = {}
     for s in range(cfg.ppl_segments):
