@@ -39,6 +39,7 @@ from subquad.layers.modules import (
     upcast,
 )
 from subquad.ops import routing
+from subquad.ops._common.validation import check_positive_int
 
 
 def decode_mode(T: int) -> str:
@@ -637,9 +638,7 @@ class Attention(Mixer):
             k_all, v_all = cache.keys_values()
             o = ops.attention_decode(q, k_all, v_all)
         else:
-            prev = cache.keys_values() if cache is not None else None
-            k_all = k if prev is None else torch.cat([prev[0], k], dim=1)
-            v_all = v if prev is None else torch.cat([prev[1], v], dim=1)
+            k_all, v_all = self._with_cached(k, v, cache)
             o = self._masked_attention(q, k_all, v_all, attention_mask, past)
             if cache is not None:
                 cache.append_kv(k, v, keep_last=self.window)
@@ -665,6 +664,14 @@ class Attention(Mixer):
         v = self.v_proj(x).unflatten(-1, (Hk, d))
         positions = token_positions(T, past, cu_seqlens, attention_mask, x.device)
         return self.rotary(q, positions), self.rotary(k, positions), v
+
+    @staticmethod
+    def _with_cached(k, v, cache):
+        """This call's keys and values after the cached ones (the cache itself is not changed)."""
+        prev = cache.keys_values() if cache is not None else None
+        if prev is None:
+            return k, v
+        return torch.cat([prev[0], k], dim=1), torch.cat([prev[1], v], dim=1)
 
     def _masked_attention(self, q, k, v, attention_mask, past, extra=None):
         """Exact attention of T new queries over S = cached + new keys, with causal / window rules
@@ -741,8 +748,10 @@ class HyperAttention(Attention):
             "seed": seed,
         }
         for name, value in self.hyper.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
-                raise ValueError(f"{name} must be an int >= {0 if name == 'seed' else 1}, got {value!r}")
+            if name != "seed":
+                check_positive_int(name, value)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
 
     def forward(
         self,
@@ -756,9 +765,7 @@ class HyperAttention(Attention):
         if past == 0 and attention_mask is None:
             o = ops.hyper_attention(q, k, v, cu_seqlens=cu_seqlens, **self.hyper)
         else:
-            prev = cache.keys_values() if cache is not None else None
-            k_all = k if prev is None else torch.cat([prev[0], k], dim=1)
-            v_all = v if prev is None else torch.cat([prev[1], v], dim=1)
+            k_all, v_all = self._with_cached(k, v, cache)
             o = self._masked_attention(q, k_all, v_all, attention_mask, past)
         if cache is not None:
             cache.append_kv(k, v)
@@ -790,8 +797,7 @@ class RoutingAttention(Attention):
         rope_base: float = 10000.0,
     ) -> None:
         super().__init__(hidden_size, num_heads, head_dim, num_kv_heads=num_kv_heads, rope_base=rope_base)
-        if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
-            raise ValueError(f"num_clusters must be an int >= 1, got {num_clusters!r}")
+        check_positive_int("num_clusters", num_clusters)
         if not 0 <= decay < 1:
             raise ValueError(f"decay must be in [0, 1), got {decay!r}")
         self.decay = decay
@@ -810,9 +816,7 @@ class RoutingAttention(Attention):
         if cache is None and attention_mask is None:
             o = ops.routing_attention(q, k, v, c, cu_seqlens=cu_seqlens)
         else:
-            prev = cache.keys_values() if cache is not None else None
-            k_all = k if prev is None else torch.cat([prev[0], k], dim=1)
-            v_all = v if prev is None else torch.cat([prev[1], v], dim=1)
+            k_all, v_all = self._with_cached(k, v, cache)
             G = self.num_heads // self.num_kv_heads
             cq = routing.assign(q, c).transpose(1, 2)  # [B, H, T]
             ck = routing.assign(k_all, c).repeat_interleave(G, dim=2).transpose(1, 2)  # [B, H, S]
@@ -859,8 +863,7 @@ class NSA(Attention):
     ) -> None:
         super().__init__(hidden_size, num_heads, head_dim, num_kv_heads=num_kv_heads, rope_base=rope_base)
         for name, value in (("block_size", block_size), ("block_count", block_count), ("window", window)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_positive_int(name, value)
         self.block_size, self.block_count, self.nsa_window = block_size, block_count, window
         self.g_proj = nn.Linear(hidden_size, 3 * num_heads)  # cmp, slc, swa gates per head
 
