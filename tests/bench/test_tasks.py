@@ -55,6 +55,19 @@ def test_state_runner_evaluates_longer_sequences(tmp_path):
     assert "test_seq_len24" in text and (tmp_path / "parity.png").exists()
 
 
+def test_first_seed_sweep_trains_other_seeds_at_the_winning_lr():
+    cfg = tiny(mixers=("gla",), lrs=(1e-4, 3e-2), seeds=(0, 1, 2), lr_sweep="first_seed", max_steps=6)
+    result = run_task_bench(cfg, progress=False)
+    runs = [(r["seed"], r["lr"]) for r in result["runs"]]
+    assert runs[:2] == [(0, 1e-4), (0, 3e-2)] and len(runs) == 4  # 2 lrs on seed 0, then seeds 1, 2
+    swept = [r for r in result["runs"] if r["seed"] == 0]
+    winner = max(swept, key=lambda r: (r["accuracy"], -(r["steps_to_threshold"] or 7)))["lr"]
+    assert runs[2:] == [(1, winner), (2, winner)]
+    assert sorted(r["seed"] for r in result["best"]) == [0, 1, 2]
+    every = run_task_bench(tiny(mixers=("gla",), lrs=(1e-4, 3e-2), seeds=(0, 1)), progress=False)
+    assert [(r["seed"], r["lr"]) for r in every["runs"]] == [(0, 1e-4), (0, 3e-2), (1, 1e-4), (1, 3e-2)]
+
+
 def test_presets_and_bad_configs():
     assert recall_preset("quick").task == "mqar" and state_preset("quick", "s5").task == "s5"
     with pytest.raises(ValueError, match="preset"):
@@ -65,4 +78,8 @@ def test_presets_and_bad_configs():
         tiny(task="nope")
     with pytest.raises(ValueError, match="stop_when"):
         tiny(stop_when="first")
+    with pytest.raises(ValueError, match="lr_sweep"):
+        tiny(lr_sweep="best")
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        tiny(seeds=(0, 0))
     assert state_preset("quick").stop_when == "all"  # extrapolation keeps training past the train length

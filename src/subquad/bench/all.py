@@ -97,12 +97,12 @@ def preset(name: str, **overrides) -> AllConfig:
                 hidden_size=256,
                 num_layers=4,
                 num_heads=4,
-                minutes=8.0,
+                minutes=4.0,
                 eval_every=50,
                 eval_tokens=32768,
             ),
             "speed_lens": (1024, 4096, 16384),
-            "speed_repeats": 5,
+            "speed_repeats": 3,
             "decode_contexts": (1024, 4096, 16384, 32768),
         }
         return AllConfig(preset=name, **{**base, **overrides})

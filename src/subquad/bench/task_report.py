@@ -39,19 +39,22 @@ def recall_preset(name: str) -> TaskBenchConfig:
             num_test=200,
         )
     if name == "standard":
-        settings = tuple(
-            {"seq_len": L, "num_pairs": p, "vocab_size": 256} for L, p in ((64, 4), (128, 8), (256, 16))
-        )
+        # about 50 min on 2 cores. Lengths 64 and 128 at 4 pairs: probes of softmax attention (lr 1e-3,
+        # 1000 steps) reached 0.95 at (128, 4) but 0.30 at (128, 8), 0.34-0.74 at (64, 8) and 0.08 at
+        # (256, 16), so larger settings need far longer training than two hours allow (Zoology trains
+        # for tens of thousands of steps). The learning rates are swept with seed 0; seed 1 reuses the winner.
+        settings = tuple({"seq_len": L, "num_pairs": 4, "vocab_size": 128} for L in (64, 128))
         return TaskBenchConfig(
             task="mqar",
             settings=settings,
             mixers=RECALL_MIXERS,
-            lrs=(5e-4, 1e-3),
-            seeds=(0,),
-            max_steps=1000,
+            lrs=(1e-3, 2e-3),
+            seeds=(0, 1),
+            lr_sweep="first_seed",
+            max_steps=1200,
             eval_every=100,
             num_train=10000,
-            num_test=500,
+            num_test=300,
         )
     if name == "paper":
         settings = tuple(
@@ -80,8 +83,9 @@ def state_preset(name: str, task: str = "parity") -> TaskBenchConfig:
     train_len = {"quick": 16, "standard": 32, "paper": 40}[name]
     test_lens = {"quick": (64,), "standard": (128, 256), "paper": (256, 512)}[name]
     # quick: one learning rate (3e-3 beat 1e-3 for every recurrent mixer here; attention fails at both) and
-    # 800 steps, which is when DeltaNet with negative eigenvalues passes 0.99 at 4x the train length
-    steps = {"quick": 800, "standard": 2000, "paper": 10000}[name]
+    # 800 steps, which is when DeltaNet with negative eigenvalues passes 0.99 at 4x the train length.
+    # standard (about 20 min for parity and S5): learning rates swept with seed 0, seed 1 at the winner
+    steps = {"quick": 800, "standard": 1000, "paper": 10000}[name]
     return TaskBenchConfig(
         task=task,
         settings=({"seq_len": train_len},),
@@ -90,8 +94,9 @@ def state_preset(name: str, task: str = "parity") -> TaskBenchConfig:
         num_layers=1 if task == "parity" else 2,
         lrs=(3e-3,) if name == "quick" else (1e-3, 3e-3),
         seeds=(0,) if name == "quick" else (0, 1),
+        lr_sweep="first_seed" if name == "standard" else "every_seed",
         max_steps=steps,
-        eval_every=50,
+        eval_every=50 if name == "quick" else 100,
         num_train=4000,
         num_test=200,
         threshold=0.99,
