@@ -49,24 +49,37 @@ def test_window_and_sinks_match_a_dense_mask(mode):
     assert_close(got, _sdpa(q, k, v, mask=mask), F64, name="window 7 + 3 sinks")
 
 
+@pytest.mark.parametrize("path", ["fused", "spans"])
 @pytest.mark.parametrize(
-    ("T", "causal", "sinks"), [(50, True, 3), (50, False, 3), (61, True, 0), (200, True, 9)]
+    ("T", "causal", "sinks"), [(50, True, 3), (50, False, 3), (61, True, 0), (200, True, 9), (77, False, 0)]
 )
-def test_window_paths_match_the_reference_with_gradients(T, causal, sinks):
-    """Short windows run by key spans, long ones by the key-block walk: both against the
-    per-query reference, with gradients of o and lse (padding, sinks inside and before spans)."""
-    q, k, v = (x.requires_grad_(True) for x in _qkv(T=T, Hk=2))
-    for window in (5, T // 2 + 1):  # the span path, then the key-block walk
+def test_window_paths_match_the_reference_with_gradients(T, causal, sinks, path, monkeypatch):
+    """Short windows run by key spans (through torch's fused CPU kernel without sinks, or the
+    span loop), long ones by the key-block walk: all against the per-query reference, with
+    gradients of o alone and of o and lse (padding, sinks inside and before spans)."""
+    window_mod = importlib.import_module("subquad.ops.attention.window")
+    if path == "fused":
+        monkeypatch.setattr(window_mod, "FLASH_BLOCK", 8)  # interior and edge blocks at this size
+        monkeypatch.setattr(window_mod, "GROUP_ELEMENTS", 500)  # several kernel calls per sequence
+    else:
+        monkeypatch.setattr(window_mod, "_FLASH", None)
+    # the fused kernel needs the value head size to equal the key's (else the span loop runs)
+    q, k, v = (x.requires_grad_(True) for x in _qkv(T=T, Hk=2, V=8 if path == "fused" else 6))
+    for window in (5, 12, T // 2 + 1):  # spans (window < and > the block), then the key-block walk
         kw = {"causal": causal, "window": window, "sinks": sinks, "return_lse": True}
         o, lse = attention(q, k, v, chunk_size=8, **kw)
         ro, rl = attention(q, k, v, mode="reference", **kw)
         assert_close(o, ro, F64, name=f"o, window {window}")
         assert_close(lse, rl, F64, name=f"lse, window {window}")
         go, gl = torch.randn_like(o), torch.randn_like(lse)
-        g = torch.autograd.grad((o * go).sum() + (lse * gl).sum(), [q, k, v])
-        rg = torch.autograd.grad((ro * go).sum() + (rl * gl).sum(), [q, k, v])
-        for name, a, b in zip("qkv", g, rg, strict=True):
-            assert_close(a, b, F64, name=f"d{name}, window {window}")
+        for with_lse in (False, True):
+            loss, ref = (o * go).sum(), (ro * go).sum()
+            if with_lse:
+                loss, ref = loss + (lse * gl).sum(), ref + (rl * gl).sum()
+            g = torch.autograd.grad(loss, [q, k, v], retain_graph=True)
+            rg = torch.autograd.grad(ref, [q, k, v], retain_graph=True)
+            for name, a, b in zip("qkv", g, rg, strict=True):
+                assert_close(a, b, F64, name=f"d{name}, window {window}, lse gradient {with_lse}")
 
 
 @pytest.mark.parametrize("mode", ["reference", "chunk"])

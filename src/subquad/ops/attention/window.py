@@ -20,9 +20,23 @@ blocks: one score matrix ``[H, T, s]`` merged into each row's softmax by log-sum
 
 Backward recomputes ``P = exp(S - lse)`` per block and accumulates ``dV``, ``dK`` into the
 overlapping span slices of head-major gradient buffers.
+
+On CPU (with K == V) the spans go to torch's fused CPU attention kernel instead (the one behind
+``scaled_dot_product_attention``, which fuses the score, softmax and ``P @ v`` passes per tile and
+returns lse): ``_FlashWindow``. There the spans are rounded out to whole blocks (``P`` keys before
+a block, ``R`` after), so every interior block scores the same ``[b, P + b + R]`` band mask and all
+interior blocks go to the kernel as one batch of overlapping strided views, without copies; the
+few blocks cut by the sequence ends are gathered with their own masks. Gradients of the
+overlapping spans are summed back as ``1 + (P + R) / b`` shifted block-aligned adds. Sinks beyond
+a query's window are merged by log-sum-exp after the kernel, as in the span path; the fused
+backward then gets ``do`` scaled by ``e^{lse_w - lse}`` and the merged output (see
+``_FlashWindow``). A gradient flowing into lse from the caller (rare) takes the span path's
+backward.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -217,9 +231,258 @@ class _SpanAttention(torch.autograd.Function):
         return (*(g.to(dt) for g, dt in zip((dq, dk, dv), ctx.dtypes, strict=True)), None, None)
 
 
+# ---------------------------------------------------------------------------------------------
+# spans through torch's fused CPU attention kernel
+
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+# query block of the fused path: at window 512, T = 16K on 2 cores 128 beat 64 and 256 (spans of
+# P + b + R keys: smaller blocks make more, shorter kernel rows; larger ones waste more masked keys)
+FLASH_BLOCK = 128
+# values per span tensor in one kernel call (16 MB in float32; see _BandPlan.groups)
+GROUP_ELEMENTS = 1 << 22
+
+
+class _BandPlan:
+    """Block-aligned spans: block I (queries ``[I b, I b + b)``) scores keys ``[I b - P, I b + b + R)``
+    with ``P``, ``R`` the window's reach rounded up to whole blocks; interior blocks are those whose
+    span and queries lie inside ``[0, T)``."""
+
+    def __init__(self, T, b, causal, window, sinks, device, dtype):
+        self.T, self.b, self.causal, self.window, self.sinks = T, b, causal, window, sinks
+        # sink keys a query sees beyond its window (None: no query has any)
+        i, j = torch.arange(T, device=device).view(-1, 1), torch.arange(min(sinks, T), device=device)
+        extra = allowed(i, j, causal, window, sinks, T) & ~allowed(i, j, causal, window, 0, T)
+        self.sink_hidden = ~extra if bool(extra.any()) else None  # [T, s]
+        self.nb = -(-T // b)
+        self.P = -(-(window - 1) // b) * b
+        self.R = 0 if causal else self.P
+        self.L = self.P + b + self.R
+        self.first = self.P // b
+        self.last = (T - self.R) // b - 1  # may be < first: no interior block
+        r = torch.arange(b, device=device).view(b, 1)
+        c = torch.arange(self.L, device=device).view(1, self.L)
+        band = allowed(r + self.P, c, causal, window, 0, self.T + self.L + self.P)
+        self.mask = torch.zeros(b, self.L, dtype=dtype, device=device).masked_fill_(~band, float("-inf"))
+        edges = [I for I in range(self.nb) if not self.first <= I <= self.last]
+        self.edges = torch.tensor(edges, dtype=torch.long, device=device)
+        if edges:
+            e = self.edges.view(-1, 1)
+            # padding rows past T repeat row T - 1 (same query, same mask): finite, dropped, and
+            # with no incoming gradient they add nothing in backward
+            i = (e * b + torch.arange(b, device=device)).clamp(max=T - 1).view(-1, b, 1)
+            j = (e * b - self.P + torch.arange(self.L, device=device)).view(-1, 1, self.L)
+            ok = allowed(i, j, causal, window, 0, T) & (j >= 0)
+            self.edge_mask = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, -math.inf)
+            self.edge_q = i.flatten()  # [nE * b]
+            self.edge_k = j.clamp(0, T - 1).flatten()  # [nE * L]
+            self.edge_real = (e * b + torch.arange(b, device=device)).flatten() < T
+            self.edge_mask = self.edge_mask.unsqueeze(1)  # [nE, 1, b, L]: shared by the heads
+
+    @property
+    def n(self):
+        return max(0, self.last - self.first + 1)
+
+    def queries(self, x):
+        """Interior query blocks of ``x [T, H, D]`` as a view ``[n, H, b, D]``."""
+        return self._view(x, self.first * self.b, self.b)
+
+    def spans(self, x):
+        """Interior key spans of ``x [T, H, D]`` as overlapping views ``[n, H, L, D]``."""
+        return self._view(x, self.first * self.b - self.P, self.L)
+
+    def _view(self, x, t0, rows):
+        st = x.stride()
+        return x.as_strided(
+            (self.n, x.shape[1], rows, x.shape[2]),
+            (self.b * st[0], st[1], st[0], st[2]),
+            x.storage_offset() + t0 * st[0],
+        )
+
+    @staticmethod
+    def gather(x, idx, rows):
+        """Rows ``idx`` of ``x [T, H, D]`` as a copy ``[nE, H, rows, D]``."""
+        return x.index_select(0, idx).view(-1, rows, *x.shape[1:]).transpose(1, 2)
+
+    def groups(self, H, D):
+        """Interior blocks in groups ``(g0, g1)`` whose span tensors ``[g, H, L, D]`` hold about
+        GROUP_ELEMENTS values: the kernel allocates (and its backward zero-fills) buffers of that
+        size per call, and small ones are recycled by the allocator instead of page-faulted anew."""
+        if self.n == 0:
+            return []
+        g = max(1, GROUP_ELEMENTS // (H * self.L * D))
+        return [(g0, min(g0 + g, self.n)) for g0 in range(0, self.n, g)]
+
+    def scatter_spans(self, g, out, g0):
+        """Add the span gradients ``g [n_g, H, L, D]`` of interior blocks ``first + g0 ..`` into
+        ``out [nb * b, H, D]``: a span is ``L / b`` whole blocks, so one shifted add per block."""
+        b, n = self.b, g.shape[0]
+        blocks = out.view(self.nb, b, *out.shape[1:]).transpose(1, 2)  # [nb, H, b, D]
+        for j in range(self.L // b):
+            I0 = self.first + g0 - self.P // b + j
+            blocks[I0 : I0 + n].add_(g[:, :, j * b : (j + 1) * b])
+
+
+def _flash_forward(q, k, v, plan, scale):
+    """q, k, v ``[B, T, H, D]`` (compute dtype): ``o [B, T, H, V]``, ``lse [B, T, H]``."""
+    B, T, H, _ = q.shape
+    b, first = plan.b, plan.first
+    o, lse = q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H)
+    for bi in range(B):
+        for g0, g1 in plan.groups(H, k.shape[-1]):
+            qv, ks, vs = plan.queries(q[bi]), plan.spans(k[bi]), plan.spans(v[bi])
+            ob, lb = _FLASH(qv[g0:g1], ks[g0:g1], vs[g0:g1], attn_mask=plan.mask, scale=scale)
+            rows = slice((first + g0) * b, (first + g1) * b)
+            o[bi, rows].view(g1 - g0, b, H, -1).copy_(ob.transpose(1, 2))
+            lse[bi, rows].view(g1 - g0, b, H).copy_(lb.transpose(1, 2))
+        if len(plan.edges):
+            qe = plan.gather(q[bi], plan.edge_q, b)
+            ke, ve = (plan.gather(x[bi], plan.edge_k, plan.L) for x in (k, v))
+            ob, lb = _FLASH(qe, ke, ve, attn_mask=plan.edge_mask, scale=scale)
+            ob, lb = ob.transpose(1, 2).reshape(-1, H, ob.shape[-1]), lb.transpose(1, 2).reshape(-1, H)
+            for e, I in enumerate(plan.edges.tolist()):
+                r0, r1 = I * b, min(T, I * b + b)
+                o[bi, r0:r1] = ob[e * b : e * b + r1 - r0]
+                lse[bi, r0:r1] = lb[e * b : e * b + r1 - r0]
+    return o, lse
+
+
+def _flash_backward(q, k, v, o, lse, do, plan, scale):
+    """Gradients of q, k, v ``[B, T, H, D]`` given ``do`` (no gradient on lse)."""
+    B, T, H, _ = q.shape
+    b, first = plan.b, plan.first
+    Tp = plan.nb * b
+    dq = q.new_zeros(B, T, H, q.shape[-1])
+    dk, dv = k.new_zeros(B, Tp, H, k.shape[-1]), v.new_zeros(B, Tp, H, v.shape[-1])
+    for bi in range(B):
+        for g0, g1 in plan.groups(H, k.shape[-1]):
+            qv, ks, vs = plan.queries(q[bi]), plan.spans(k[bi]), plan.spans(v[bi])
+            n = g1 - g0
+            rows = slice((first + g0) * b, (first + g1) * b)
+            ov = o[bi, rows].view(n, b, H, -1).transpose(1, 2)
+            dov = do[bi, rows].view(n, b, H, -1).transpose(1, 2)
+            lv = lse[bi, rows].view(n, b, H).transpose(1, 2)
+            mask = plan.mask
+            gq, gk, gv = _FLASH_BWD(
+                dov, qv[g0:g1], ks[g0:g1], vs[g0:g1], ov, lv, 0.0, False, attn_mask=mask, scale=scale
+            )
+            dq[bi, rows].view(n, b, H, -1).copy_(gq.transpose(1, 2))
+            plan.scatter_spans(gk, dk[bi], g0)
+            plan.scatter_spans(gv, dv[bi], g0)
+        if len(plan.edges):
+            qe = plan.gather(q[bi], plan.edge_q, b)
+            ke, ve = (plan.gather(x[bi], plan.edge_k, plan.L) for x in (k, v))
+            oe, doe = (plan.gather(x[bi], plan.edge_q, b) for x in (o, do))
+            le = lse[bi].index_select(0, plan.edge_q).view(-1, b, H).transpose(1, 2)
+            real = (plan.edges.view(-1, 1) * b + torch.arange(b, device=q.device)).flatten() < T
+            doe = doe * real.view(-1, 1, b, 1)  # padding rows (clamped copies of the last row) add nothing
+            gq, gk, gv = _FLASH_BWD(
+                doe, qe, ke, ve, oe, le, 0.0, False, attn_mask=plan.edge_mask, scale=scale
+            )
+            gq = gq.transpose(1, 2).reshape(-1, H, gq.shape[-1])
+            dq[bi].index_add_(0, plan.edge_q[real], gq[real])
+            dk[bi].index_add_(0, plan.edge_k, gk.transpose(1, 2).reshape(-1, H, gk.shape[-1]))
+            dv[bi].index_add_(0, plan.edge_k, gv.transpose(1, 2).reshape(-1, H, gv.shape[-1]))
+    return dq, dk[:, :T], dv[:, :T]
+
+
+def _head_blocks(x):
+    """``x [s, H, D]`` -> block-diagonal ``[H * s, H * D]`` (head h's rows against its own columns),
+    so a product with a time-major ``[T, H * D]`` matrix does every head in one large gemm (the
+    per-head products have an inner or outer size of s, a few sink keys, which BLAS runs slowly)."""
+    return torch.block_diag(*x.transpose(0, 1))
+
+
+def _extra_sink_scores(q, k, plan, scale):
+    """One sequence's queries ``q [T, H, K]`` against the sink keys they see beyond their window:
+    scores ``[T, H, s]`` (-inf elsewhere) and the block-diagonal keys ``[H * s, H * K]``."""
+    T, H, K = q.shape
+    n_s = plan.sink_hidden.shape[1]
+    kbd = _head_blocks(k[:n_s])
+    s = torch.mm(q.reshape(T, H * K), kbd.t()).view(T, H, n_s).mul_(scale)
+    return s.masked_fill_(plan.sink_hidden.unsqueeze(1), -math.inf), kbd
+
+
+def _merge_sinks(q, k, v, o, lse, plan, scale):
+    """Fold the extra sinks into the window's softmax by log-sum-exp, in place:
+    ``o = e^{lse_w - lse} o_w + P_s v_s``. Returns the window's own lse ``[B, T, H]``."""
+    T = q.shape[1]
+    lse_w = lse.clone()
+    for bi in range(q.shape[0]):
+        s_sink, _ = _extra_sink_scores(q[bi], k[bi], plan, scale)  # [T, H, s]
+        torch.logaddexp(lse_w[bi], torch.logsumexp(s_sink, -1), out=lse[bi])
+        o[bi].mul_(torch.exp(lse_w[bi] - lse[bi]).unsqueeze(-1))
+        p = s_sink.sub_(lse[bi].unsqueeze(-1)).exp_().view(T, -1)
+        o[bi].view(T, -1).addmm_(p, _head_blocks(v[bi, : s_sink.shape[-1]]))
+    return lse_w
+
+
+class _FlashWindow(torch.autograd.Function):
+    """q, k, v ``[B, T, H, D]`` in, ``o [B, T, H, V]`` and ``lse [B, T, H]`` out.
+
+    With sinks the window's softmax and the extra sinks' merge: for the window keys the gradient of
+    the merged softmax is the window softmax's own gradient with ``do`` scaled by
+    ``a = e^{lse_w - lse}`` and the merged output in place of the window's (its ``delta =
+    rowsum(do * o)`` is the merged one), which is what the fused backward is given."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale, span_block):
+        cd = state_dtype(q.dtype)
+        qc, kc, vc = (x.to(cd) for x in (q, k, v))
+        o, lse = _flash_forward(qc, kc, vc, plan, scale)
+        lse_w = _merge_sinks(qc, kc, vc, o, lse, plan, scale) if plan.sink_hidden is not None else lse
+        ctx.save_for_backward(qc, kc, vc, o, lse, lse_w)
+        ctx.plan, ctx.scale, ctx.span_block = plan, scale, span_block
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        return o.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, lse_w = ctx.saved_tensors
+        plan = ctx.plan
+        if dlse is not None and bool(dlse.ne(0).any()):
+            # the fused backward has no input for d lse: recompute this call by spans
+            span = _SpanPlan(
+                plan.T, min(ctx.span_block, plan.T), plan.causal, plan.window, plan.sinks, q.device
+            )
+            with torch.enable_grad():
+                leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+                outs = _SpanAttention.apply(*leaves, span, ctx.scale)
+                grads = torch.autograd.grad(outs, leaves, (do, dlse))
+            return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None, None, None)
+        do = do.to(q.dtype)
+        if plan.sink_hidden is None:
+            dq, dk, dv = _flash_backward(q, k, v, o, lse, do.contiguous(), plan, ctx.scale)
+        else:
+            a = torch.exp(lse_w - lse).unsqueeze(-1)
+            dq, dk, dv = _flash_backward(q, k, v, o, lse_w, (do * a).contiguous(), plan, ctx.scale)
+            delta = (do * o).sum(-1)  # [B, T, H]
+            T, H = q.shape[1:3]
+            for bi in range(q.shape[0]):
+                s_sink, kbd = _extra_sink_scores(q[bi], k[bi], plan, ctx.scale)
+                n_s = s_sink.shape[-1]
+                p = s_sink.sub_(lse[bi].unsqueeze(-1)).exp_()  # [T, H, s]
+                do2 = do[bi].reshape(T, -1)
+                vbd = _head_blocks(v[bi, :n_s])  # [H * s, H * V]
+                dv_all = torch.mm(p.view(T, -1).t(), do2).view(H, n_s, H, -1)
+                dv[bi, :n_s] += torch.diagonal(dv_all, dim1=0, dim2=2).permute(0, 2, 1)
+                dp = torch.mm(do2, vbd.t()).view(T, H, n_s)
+                ds = p.mul_(dp.sub_(delta[bi].unsqueeze(-1))).view(T, -1)
+                dq[bi].view(T, -1).addmm_(ds, kbd, alpha=ctx.scale)
+                dk_all = torch.mm(ds.t(), q[bi].reshape(T, -1)).view(H, n_s, H, -1)
+                dk[bi, :n_s] += torch.diagonal(dk_all, dim1=0, dim2=2).permute(0, 2, 1).mul_(ctx.scale)
+        grads = (dq, dk, dv)
+        return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None, None, None)
+
+
 def window_attention(q, k, v, causal, window, sinks, scale, block_size):
     """q, k ``[B, T, H, K]``, v ``[B, T, H, V]`` (heads already matched), window >= 1:
-    ``(o, lse [B, T, H])``."""
+    ``(o, lse [B, T, H])``. CPU tensors with K == V (the kernel's requirement) go through the fused
+    kernel (``_FlashWindow``); others by spans of ``block_size`` queries."""
     T = q.shape[1]
+    fused = _FLASH is not None and _FLASH_BWD is not None
+    if fused and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]:
+        plan = _BandPlan(T, min(FLASH_BLOCK, T), causal, window, sinks, q.device, state_dtype(q.dtype))
+        return _FlashWindow.apply(q, k, v, plan, scale, block_size)
     plan = _SpanPlan(T, min(block_size, T), causal, window, sinks, q.device)
     return _SpanAttention.apply(q, k, v, plan, scale)
