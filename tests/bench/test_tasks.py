@@ -38,6 +38,7 @@ def test_runner_records_runs_and_measured_state(tmp_path):
     assert by["attention"]["state_bytes"] == 2 * 16 * 16 * 4
     assert by["gla"]["state_bytes"] == 2 * 4 * 8 * 4  # H=2, K=4 (expand_k 0.5), V=8, float32
     assert all(0 <= r["accuracy"] <= 1 and r["history"] for r in result["runs"])
+    assert all(r["decode_tokens_per_s"] > 0 for r in result["runs"])
     results = {"benchmark": "recall", "machine": {}, "sections": [result]}
     write_results(results, tmp_path)
     text = report(json.loads((tmp_path / "results.json").read_text()), tmp_path)

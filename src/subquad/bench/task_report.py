@@ -134,8 +134,10 @@ def report(results: dict, out_dir: str | Path) -> str:
             "accuracy",
             *extra_tests,
             "steps to " + str(cfg["threshold"]),
+            "seconds to " + str(cfg["threshold"]),
             "state bytes",
             "train tok/s",
+            "decode tok/s",
         ]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         groups: dict[tuple, list] = {}
@@ -146,10 +148,14 @@ def report(results: dict, out_dir: str | Path) -> str:
             solved = [s for s in steps if s is not None]
             cells = [setting, mixer, f"{_mean([r['accuracy'] for r in rs]):.3f}"]
             cells += [f"{_mean([r['best'][k] for r in rs]):.3f}" for k in extra_tests]
+            seconds = _mean([r["seconds_to_threshold"] for r in rs])
+            decode = _mean([r.get("decode_tokens_per_s") for r in rs])  # absent in older results
             cells += [
                 f"{statistics.fmean(solved):.0f} ({len(solved)}/{len(rs)})" if solved else "never",
+                f"{seconds:.1f}" if seconds is not None else "-",
                 f"{_mean([r['state_bytes'] for r in rs]):.0f}",
                 f"{_mean([r['train_tokens_per_s'] for r in rs]):.0f}",
+                f"{decode:.0f}" if decode is not None else "-",
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

@@ -5,7 +5,8 @@ For each setting (task parameters), mixer, learning rate and seed, a ``SubquadFo
 layers are all that mixer is trained on the task's train split with AdamW; every ``eval_every`` steps
 it is evaluated on the test split (and, for state tracking, on longer test sequences), and training
 stops early once test accuracy reaches ``threshold``. Recorded per run: best accuracy, steps and wall
-time to threshold (None if never), train tokens/s, and the state size in bytes measured from the
+time to threshold (None if never), train tokens/s, decode tokens/s (one token at a time through
+the cache), and the state size in bytes measured from the
 ``SubquadCache`` after reading one test sequence (recurrent state, window or KV cache). The best
 learning rate per (setting, mixer, seed) is the one with the highest accuracy (ties: fewer steps).
 """
@@ -125,6 +126,22 @@ def _evaluate(model: SubquadForCausalLM, data: TaskData, batch: int) -> float:
 
 
 @torch.no_grad()
+def decode_tokens_per_s(model: SubquadForCausalLM, x: torch.Tensor, steps: int = 32) -> float:
+    """Tokens/s of one-token decoding steps through the model's cache (batch 1, after one token
+    of prefill): what serving the trained model one token at a time costs."""
+    model.eval()
+    cache = model.new_cache()
+    model(x[:, :1], cache=cache)
+    n = max(1, min(steps, x.shape[1] - 1))
+    t0 = time.perf_counter()
+    for t in range(1, n + 1):
+        model(x[:, t : t + 1], cache=cache)
+    seconds = time.perf_counter() - t0
+    model.train()
+    return n / seconds
+
+
+@torch.no_grad()
 def state_bytes(model: SubquadForCausalLM, x: torch.Tensor) -> int:
     """Bytes the model's cache holds after reading ``x [1, L]``: what it remembers of the context."""
     cache = model.new_cache()
@@ -191,6 +208,7 @@ def train_one(cfg: TaskBenchConfig, mixer: str, setting: dict, lr: float, seed: 
         "wall_s": time.perf_counter() - t_start,
         "train_tokens_per_s": tokens / train_time,
         "state_bytes": state_bytes(model, tests["test"].inputs[:1]),
+        "decode_tokens_per_s": decode_tokens_per_s(model, tests["test"].inputs[:1]),
         "params": sum(p.numel() for p in model.parameters()),
         "history": history,
     }
