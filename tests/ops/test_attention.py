@@ -182,16 +182,20 @@ def test_decode_bad_inputs():
 
 
 @pytest.mark.parametrize(("causal", "window"), [(True, None), (False, None), (True, 20)])
-def test_block_sparse_matches_reference_with_gradients(causal, window):
-    q, k, v = (x.requires_grad_(True) for x in _qkv(T=45, Hk=2))
+@pytest.mark.parametrize("V", [6, 8])  # K == V also runs pieces through torch's fused kernel
+def test_block_sparse_matches_reference_with_gradients(causal, window, V):
+    q, k, v = (x.requires_grad_(True) for x in _qkv(T=45, Hk=2, V=V))
     mask = torch.rand(2, 4, 6, 6, generator=torch.Generator().manual_seed(1)) < 0.5
+    mask |= torch.eye(6, dtype=torch.bool)  # most rows keep their diagonal: the fused pieces
     res = {}
     for mode in ("reference", "chunk"):
         o, lse = attention(q, k, v, causal=causal, window=window, block_mask=mask, mode=mode, chunk_size=8,
                            return_lse=True)  # fmt: skip
         lse = torch.where(torch.isfinite(lse), lse, 0.0)  # rows that keep no visible key: +inf
-        res[mode] = (o, lse, *torch.autograd.grad((o * o).sum() + (lse * lse).sum(), [q, k, v]))
-    for name, got, ref in zip(["o", "lse", "dq", "dk", "dv"], res["chunk"], res["reference"], strict=True):
+        g_o = torch.autograd.grad((o * o).sum(), [q, k, v], retain_graph=True)  # no gradient on lse
+        res[mode] = (o, lse, *g_o, *torch.autograd.grad((o * o).sum() + (lse * lse).sum(), [q, k, v]))
+    names = ["o", "lse", "dq", "dk", "dv", "dq with lse", "dk with lse", "dv with lse"]
+    for name, got, ref in zip(names, res["chunk"], res["reference"], strict=True):
         assert_close(got, ref, F64, name=f"block-sparse {name}")
 
 

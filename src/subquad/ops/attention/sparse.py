@@ -15,6 +15,11 @@ Only pairs cut by the causal diagonal, the window edge or the padding get a toke
 The backward recomputes each piece's probabilities from the saved lse,
 ``P = exp(S - lse)``, writes ``dQ = dS K`` for its rows and scatters ``dK = dS^T Q``,
 ``dV = P^T dO`` to the key blocks with ``index_add`` (a key block serves many rows).
+
+On CPU (with K == V) a piece whose token mask is at most the shared diagonal one (every row's last
+kept block is its diagonal, the common causal case) runs its softmax in torch's fused CPU attention
+kernel instead, one call per piece with the rows as the batch and one ``[b, c*b]`` mask, forward
+and backward; pieces with other cuts, and gradients flowing into lse, use the matmul path.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from subquad.ops._common.chunking import pad_time, state_dtype
 from subquad.ops.attention.chunk import _from_blocks, _to_blocks
 from subquad.ops.attention.masks import allowed
+from subquad.ops.attention.window import _FLASH, _FLASH_BWD
 
 PIECE = 2**21  # score elements per piece of a group
 
@@ -102,14 +108,50 @@ def _scores(qs, k, rows, keys, mask):
     return s, kk
 
 
+def _fused(q, v, mask):
+    """Whether a piece goes to the fused kernel, and its float mask ``[b, c*b]`` (or None)."""
+    if _FLASH is None or _FLASH_BWD is None or q.device.type != "cpu" or q.shape[-1] != v.shape[-1]:
+        return False, None
+    if mask is None:
+        return True, None
+    cut_r, _, hidden = mask
+    if cut_r is not None:
+        return False, None
+    return True, hidden
+
+
+def _float_mask(hidden, c, dtype):
+    """The shared diagonal token mask as the kernel's additive ``[b, c*b]`` mask."""
+    b = hidden.shape[0]
+    m = torch.zeros(b, c, b, dtype=dtype, device=hidden.device)
+    m[:, c - 1].masked_fill_(hidden, float("-inf"))
+    return m.view(b, c * b)
+
+
+def _gather(x, idx, R, width):
+    """Blocks ``idx`` of ``x [NR, b, D]`` as ``[R, 1, width, D]`` (rows as the kernel's batch)."""
+    return torch.index_select(x, 0, idx.reshape(-1)).view(R, 1, width, x.shape[-1])
+
+
 def _sparse_forward(q, k, v, plan, scale):
     NR, b, _ = q.shape
     Vd = v.shape[-1]
-    qs = q * scale
+    qs = None
     o = torch.zeros(NR, b, Vd, dtype=q.dtype, device=q.device)
     lse = torch.full((NR, b), float("inf"), dtype=q.dtype, device=q.device)
     for rows, keys, mask in plan.pieces:
         R, c = keys.shape
+        fused, hidden = _fused(q, v, mask)
+        if fused:
+            am = None if hidden is None else _float_mask(hidden, c, q.dtype)
+            o_r, l_r = _FLASH(
+                _gather(q, rows, R, b), _gather(k, keys, R, c * b), _gather(v, keys, R, c * b),
+                attn_mask=am, scale=scale,
+            )  # fmt: skip
+            o.index_copy_(0, rows, o_r.view(R, b, Vd))
+            lse.index_copy_(0, rows, l_r.view(R, b))
+            continue
+        qs = q * scale if qs is None else qs
         s, _ = _scores(qs, k, rows, keys, mask)
         m = s.amax(-1, keepdim=True)
         m = m.masked_fill_(m == float("-inf"), 0.0)
@@ -123,25 +165,39 @@ def _sparse_forward(q, k, v, plan, scale):
 
 
 def _sparse_backward(q, k, v, o, lse, do, dlse, plan, scale):
+    with_dlse = bool(dlse.ne(0).any())  # the fused backward has no input for a gradient on lse
     delta = (do * o).sum(-1) - dlse
-    qs = q * scale
+    qs = None
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     b = q.shape[1]
     for rows, keys, mask in plan.pieces:
         R, c = keys.shape
+        flat = keys.reshape(-1)
+        fused, hidden = _fused(q, v, mask)
+        if fused and not with_dlse:
+            am = None if hidden is None else _float_mask(hidden, c, q.dtype)
+            gq, gk, gv = _FLASH_BWD(
+                _gather(do, rows, R, b), _gather(q, rows, R, b), _gather(k, keys, R, c * b),
+                _gather(v, keys, R, c * b), _gather(o, rows, R, b),
+                torch.index_select(lse, 0, rows).view(R, 1, b), 0.0, False, attn_mask=am, scale=scale,
+            )  # fmt: skip
+            dq.index_copy_(0, rows, gq.view(R, b, -1))
+            dk.index_add_(0, flat, gk.view(R * c, b, -1))
+            dv.index_add_(0, flat, gv.view(R * c, b, -1))
+            continue
+        qs = q * scale if qs is None else qs
         s, kk = _scores(qs, k, rows, keys, mask)
         p = s.sub_(torch.index_select(lse, 0, rows).unsqueeze(-1)).exp_()  # lse = +inf gives p = 0
-        flat = keys.reshape(-1)
         do_r = torch.index_select(do, 0, rows)
         vv = torch.index_select(v, 0, flat).view(R, c * b, -1)
         dv.index_add_(0, flat, torch.bmm(p.transpose(1, 2), do_r).view(R * c, b, -1))
         ds = p.mul_(
             torch.bmm(do_r, vv.transpose(1, 2)).sub_(torch.index_select(delta, 0, rows).unsqueeze(-1))
         )
-        dq.index_copy_(0, rows, torch.bmm(ds, kk))
+        dq.index_copy_(0, rows, torch.bmm(ds, kk).mul_(scale))
         q_r = torch.index_select(qs, 0, rows)
         dk.index_add_(0, flat, torch.bmm(ds.transpose(1, 2), q_r).view(R * c, b, -1))
-    return dq.mul_(scale), dk, dv
+    return dq, dk, dv
 
 
 class _SparseAttention(torch.autograd.Function):
