@@ -428,7 +428,8 @@ class _FlashWindow(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, scale, span_block):
         cd = state_dtype(q.dtype)
-        qc, kc, vc = (x.to(cd) for x in (q, k, v))
+        # the kernel reads any strides but needs unit stride along the head dim
+        qc, kc, vc = (x.to(cd) if x.stride(-1) == 1 else x.to(cd).contiguous() for x in (q, k, v))
         o, lse = _flash_forward(qc, kc, vc, plan, scale)
         lse_w = _merge_sinks(qc, kc, vc, o, lse, plan, scale) if plan.sink_hidden is not None else lse
         ctx.save_for_backward(qc, kc, vc, o, lse, lse_w)
