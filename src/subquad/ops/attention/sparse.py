@@ -29,7 +29,7 @@ import torch
 from subquad.ops._common.chunking import pad_time, state_dtype
 from subquad.ops.attention.chunk import _from_blocks, _to_blocks
 from subquad.ops.attention.masks import allowed
-from subquad.ops.attention.window import _FLASH, _FLASH_BWD
+from subquad.ops.attention.window import _FLASH, _FLASH_BWD, fused_kernel_applies
 
 PIECE = 2**21  # score elements per piece of a group
 
@@ -110,7 +110,7 @@ def _scores(qs, k, rows, keys, mask):
 
 def _fused(q, v, mask):
     """Whether a piece goes to the fused kernel, and its float mask ``[b, c*b]`` (or None)."""
-    if _FLASH is None or _FLASH_BWD is None or q.device.type != "cpu" or q.shape[-1] != v.shape[-1]:
+    if not fused_kernel_applies(q, v):
         return False, None
     if mask is None:
         return True, None

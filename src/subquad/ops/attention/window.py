@@ -243,6 +243,17 @@ FLASH_BLOCK = 128
 GROUP_ELEMENTS = 1 << 22
 
 
+def fused_kernel_applies(q, v):
+    """Whether torch's fused CPU attention kernel can run these inputs: it is present (forward and
+    backward), the tensors are on the CPU and the value head size equals the key's."""
+    return (
+        _FLASH is not None
+        and _FLASH_BWD is not None
+        and q.device.type == "cpu"
+        and q.shape[-1] == v.shape[-1]
+    )
+
+
 class _BandPlan:
     """Block-aligned spans: block I (queries ``[I b, I b + b)``) scores keys ``[I b - P, I b + b + R)``
     with ``P``, ``R`` the window's reach rounded up to whole blocks; interior blocks are those whose
@@ -362,9 +373,8 @@ def _flash_backward(q, k, v, o, lse, do, plan, scale):
             ov = o[bi, rows].view(n, b, H, -1).transpose(1, 2)
             dov = do[bi, rows].view(n, b, H, -1).transpose(1, 2)
             lv = lse[bi, rows].view(n, b, H).transpose(1, 2)
-            mask = plan.mask
             gq, gk, gv = _FLASH_BWD(
-                dov, qv[g0:g1], ks[g0:g1], vs[g0:g1], ov, lv, 0.0, False, attn_mask=mask, scale=scale
+                dov, qv[g0:g1], ks[g0:g1], vs[g0:g1], ov, lv, 0.0, False, attn_mask=plan.mask, scale=scale
             )
             dq[bi, rows].view(n, b, H, -1).copy_(gq.transpose(1, 2))
             plan.scatter_spans(gk, dk[bi], g0)
@@ -374,8 +384,8 @@ def _flash_backward(q, k, v, o, lse, do, plan, scale):
             ke, ve = (plan.gather(x[bi], plan.edge_k, plan.L) for x in (k, v))
             oe, doe = (plan.gather(x[bi], plan.edge_q, b) for x in (o, do))
             le = lse[bi].index_select(0, plan.edge_q).view(-1, b, H).transpose(1, 2)
-            real = (plan.edges.view(-1, 1) * b + torch.arange(b, device=q.device)).flatten() < T
-            doe = doe * real.view(-1, 1, b, 1)  # padding rows (clamped copies of the last row) add nothing
+            real = plan.edge_real
+            doe = doe * real.view(-1, 1, b, 1)  # padding rows (copies of row T - 1) add nothing
             gq, gk, gv = _FLASH_BWD(
                 doe, qe, ke, ve, oe, le, 0.0, False, attn_mask=plan.edge_mask, scale=scale
             )
@@ -481,8 +491,7 @@ def window_attention(q, k, v, causal, window, sinks, scale, block_size):
     ``(o, lse [B, T, H])``. CPU tensors with K == V (the kernel's requirement) go through the fused
     kernel (``_FlashWindow``); others by spans of ``block_size`` queries."""
     T = q.shape[1]
-    fused = _FLASH is not None and _FLASH_BWD is not None
-    if fused and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]:
+    if fused_kernel_applies(q, v):
         plan = _BandPlan(T, min(FLASH_BLOCK, T), causal, window, sinks, q.device, state_dtype(q.dtype))
         return _FlashWindow.apply(q, k, v, plan, scale, block_size)
     plan = _SpanPlan(T, min(block_size, T), causal, window, sinks, q.device)
