@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from subquad.bench.task_report import recall_preset, report, state_preset, write_results
-from subquad.bench.tasks import TaskBenchConfig, run_task_bench
+from subquad.bench.tasks import TaskBenchConfig, _rank, lr_at, run_task_bench
 
 
 def tiny(task="mqar", **kw):
@@ -81,6 +82,24 @@ def test_presets_and_bad_configs():
         tiny(stop_when="first")
     with pytest.raises(ValueError, match="lr_sweep"):
         tiny(lr_sweep="best")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        tiny(lr_schedule="linear")
     with pytest.raises(ValueError, match="seeds must be distinct"):
         tiny(seeds=(0, 0))
     assert state_preset("quick").stop_when == "all"  # extrapolation keeps training past the train length
+
+
+def test_lr_schedules():
+    cos, const = tiny(max_steps=100), tiny(max_steps=100, lr_schedule="constant")
+    assert lr_at(const, 1.0, 10) == 0.5  # warmup
+    assert lr_at(cos, 1.0, 10) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi / 10)))
+    assert lr_at(const, 1.0, 20) == lr_at(const, 1.0, 100) == 1.0
+    assert lr_at(cos, 1.0, 50) == pytest.approx(0.5) and lr_at(cos, 1.0, 100) == pytest.approx(0.0)
+
+
+def test_rank_uses_every_split_when_every_split_must_pass():
+    # both learning rates solve the training length; the second extrapolates better
+    a = {"accuracy": 1.0, "best": {"test": 1.0, "test_seq_len64": 0.90}, "steps_to_threshold": 100}
+    b = {"accuracy": 1.0, "best": {"test": 1.0, "test_seq_len64": 0.98}, "steps_to_threshold": 300}
+    assert _rank(b, tiny(stop_when="all")) > _rank(a, tiny(stop_when="all"))
+    assert _rank(a, tiny()) > _rank(b, tiny())  # in-distribution only: a is as accurate and faster
