@@ -17,7 +17,7 @@ from subquad.ops.attention import (
     vertical_slash_mask,
     xattention_mask,
 )
-from subquad.ops.attention.estimators import antidiagonal_scores
+from subquad.ops.attention.estimators import antidiagonal_scores, nsa_block_scores
 
 SETTINGS = {
     "xattention": {"stride": 8, "threshold": 0.9},
@@ -60,6 +60,26 @@ def test_nsa_selection_is_shared_by_grouped_heads():
     q, k = _qk(H=4, Hk=2)
     m = nsa_mask(q, k, block_size=32, topk=3)
     assert torch.equal(m[:, 0], m[:, 1]) and torch.equal(m[:, 2], m[:, 3])
+
+
+@pytest.mark.parametrize("T", [32, 200, 256])
+def test_nsa_block_scores_follow_the_definition(T):
+    """Per query: softmax over the mean keys of the blocks wholly before its own (block 0's queries:
+    block 0 only), summed over the block's queries and the heads sharing a key head."""
+    q, k = _qk(T=T)
+    b, scale = 32, 0.3
+    B, _, H, _ = q.shape
+    Hk, nb = k.shape[2], -(-T // b)
+    want = torch.zeros(B, Hk, nb, nb)
+    means = torch.stack([k[:, J * b : (J + 1) * b].mean(1) for J in range(nb)], 2)  # [B, Hk, nb, K]
+    for t in range(T):
+        I = t // b
+        cols = range(max(I, 1))
+        for h in range(H):
+            s = torch.stack([(q[:, t, h] * means[:, h // (H // Hk), J]).sum(-1) * scale for J in cols], -1)
+            want[:, h // (H // Hk), I, : len(cols)] += s.softmax(-1)
+    got = nsa_block_scores(q, k, b, scale)
+    torch.testing.assert_close(got, want.repeat_interleave(H // Hk, dim=1), rtol=1e-5, atol=1e-5)
 
 
 def test_antidiagonal_scores_sum_the_antidiagonals_of_each_cell():

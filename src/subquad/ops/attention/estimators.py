@@ -319,6 +319,18 @@ def nsa_mask(
     """
     scale = _check(q, k, block_size, True, scale)
     _check_count("topk", topk, 1)
+    return _top_blocks(nsa_block_scores(q, k, block_size, scale), topk, True)
+
+
+# query blocks are scored in this many row groups: group g only reads the mean keys of the blocks
+# up to its last one (the rest are masked anyway), about (G + 1) / 2G of the full score matrix
+NSA_ROW_GROUPS = 8
+
+
+def nsa_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """NSA's selection scores ``[B, H, nb, nb]``: for query block I and key block J < I, the softmax
+    probability of J's mean key summed over I's queries and the heads sharing a key head (block 0's
+    queries, which have no earlier block, put their mass on block 0)."""
     B, T, H, K = q.shape
     Hk = k.shape[2]
     b = block_size
@@ -330,21 +342,26 @@ def nsa_mask(
     # the scale rides on the nb mean keys; the queries are read in place, each head a strided
     # [T, K] matrix (no permuted copy of q)
     kc = (kc * scale).permute(0, 2, 3, 1).repeat_interleave(H // Hk, dim=1)  # [B, H, K, nb]
-    t = torch.arange(T, device=q.device)
+    qp = pad_time(q.float(), b)  # padded rows score like any query; their rows are dropped below
+    t = torch.arange(nb * b, device=q.device)
     ends = (torch.arange(nb, device=q.device) + 1) * b - 1
-    before = ends[None, :] < t[:, None] - (t[:, None] % b)  # blocks wholly before t's own block
-    before[:b, 0] = True  # the first block's queries have none: let them look at block 0 (kept anyway)
-    hidden = ~before
-    parts = []
+    hidden = ~(ends[None, :] < t[:, None] - (t[:, None] % b))  # visible: blocks wholly before t's own
+    hidden[:b, 0] = False  # the first block's queries have none: let them look at block 0 (kept anyway)
+    real = (t < T).float().view(nb, b, 1)
+    score = q.new_zeros(B, H, nb, nb, dtype=torch.float32)
+    G = min(NSA_ROW_GROUPS, nb)
     for bi in range(B):
-        s = torch.bmm(q[bi].float().transpose(0, 1), kc[bi])  # [H, T, nb]
-        p = s.masked_fill_(hidden, float("-inf")).softmax(-1)
-        p = F.pad(p, (0, 0, 0, pad)) if pad else p
-        parts.append(p.view(H, nb, b, nb).sum(2))  # [H, nb, nb]
+        for g in range(G):
+            I0, I1 = g * nb // G, (g + 1) * nb // G
+            c = max(I1 - 1, 1)  # columns this group's rows can see
+            rows = slice(I0 * b, I1 * b)
+            s = torch.matmul(qp[bi, rows].transpose(0, 1), kc[bi, :, :, :c])  # [H, rows, c]
+            p = s.masked_fill_(hidden[rows, :c], float("-inf")).softmax(-1)
+            p = p.view(H, I1 - I0, b, c).mul_(real[I0:I1]).sum(2) if pad else p.view(H, I1 - I0, b, c).sum(2)
+            score[bi, :, I0:I1, :c] = p
     # grouped heads share the selection: sum the probabilities of the heads of one key head
-    p = torch.stack(parts).view(B, Hk, H // Hk, nb, nb).sum(2)
-    score = p.repeat_interleave(H // Hk, dim=1)
-    return _top_blocks(score, topk, True)
+    p = score.view(B, Hk, H // Hk, nb, nb).sum(2)
+    return p.repeat_interleave(H // Hk, dim=1)
 
 
 def mask_density(mask: torch.Tensor, causal: bool = True) -> float:
