@@ -3,6 +3,7 @@ dense mask, agreement with torch's SDPA, and bad inputs."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -66,20 +67,38 @@ def test_window_paths_match_the_reference_with_gradients(T, causal, sinks, path,
     # the fused kernel needs the value head size to equal the key's (else the span loop runs)
     q, k, v = (x.requires_grad_(True) for x in _qkv(T=T, Hk=2, V=8 if path == "fused" else 6))
     for window in (5, 12, T // 2 + 1):  # spans (window < and > the block), then the key-block walk
-        kw = {"causal": causal, "window": window, "sinks": sinks, "return_lse": True}
-        o, lse = attention(q, k, v, chunk_size=8, **kw)
-        ro, rl = attention(q, k, v, mode="reference", **kw)
-        assert_close(o, ro, F64, name=f"o, window {window}")
-        assert_close(lse, rl, F64, name=f"lse, window {window}")
-        go, gl = torch.randn_like(o), torch.randn_like(lse)
-        for with_lse in (False, True):
-            loss, ref = (o * go).sum(), (ro * go).sum()
-            if with_lse:
-                loss, ref = loss + (lse * gl).sum(), ref + (rl * gl).sum()
-            g = torch.autograd.grad(loss, [q, k, v], retain_graph=True)
-            rg = torch.autograd.grad(ref, [q, k, v], retain_graph=True)
-            for name, a, b in zip("qkv", g, rg, strict=True):
-                assert_close(a, b, F64, name=f"d{name}, window {window}, lse gradient {with_lse}")
+        _check_with_gradients(q, k, v, f"window {window}", causal=causal, window=window, sinks=sinks)
+
+
+def _check_with_gradients(q, k, v, label, **kw):
+    """``attention(**kw)`` (chunk_size 8) against the reference: o, lse, and the gradients of o
+    alone and of o and lse."""
+    o, lse = attention(q, k, v, chunk_size=8, return_lse=True, **kw)
+    ro, rl = attention(q, k, v, mode="reference", return_lse=True, **kw)
+    assert_close(o, ro, F64, name=f"o, {label}")
+    assert_close(lse, rl, F64, name=f"lse, {label}")
+    go, gl = torch.randn_like(o), torch.randn_like(lse)
+    for with_lse in (False, True):
+        loss, ref = (o * go).sum(), (ro * go).sum()
+        if with_lse:
+            loss, ref = loss + (lse * gl).sum(), ref + (rl * gl).sum()
+        g = torch.autograd.grad(loss, [q, k, v], retain_graph=True)
+        rg = torch.autograd.grad(ref, [q, k, v], retain_graph=True)
+        for name, a, b in zip("qkv", g, rg, strict=True):
+            assert_close(a, b, F64, name=f"d{name}, {label}, lse gradient {with_lse}")
+
+
+@pytest.mark.parametrize("own", [False, True])
+@pytest.mark.parametrize(("T", "causal"), [(37, True), (37, False), (64, True), (1, True)])
+def test_full_attention_paths_match_the_reference_with_gradients(T, causal, own):
+    """Full attention with K == V runs in torch's fused CPU kernel, or by the key-block walk under
+    ``own_tiling()``: both against the reference, with gradients of o alone and of o and lse (the
+    kernel has no lse input, so that backward recomputes by the walk)."""
+    window_mod = importlib.import_module("subquad.ops.attention.window")
+    q, k, v = (x.requires_grad_(True) for x in _qkv(T=T, Hk=2, V=8))
+    with window_mod.own_tiling() if own else contextlib.nullcontext():
+        assert window_mod.fused_kernel_applies(q, v) is not own
+        _check_with_gradients(q, k, v, f"causal {causal}", causal=causal)
 
 
 @pytest.mark.parametrize("mode", ["reference", "chunk"])

@@ -5,8 +5,11 @@ Shape legend: B batch, T time, H heads, D head dim, b block size, nb blocks.
 
 Rows (all float32, B=1, H heads, D head dim, ``torch.set_num_threads(threads)``):
 
-- ``exact``: causal SDPA and the tiled ``attention`` at each T of ``exact_lens``, forward and
-  forward+backward, with the peak memory of the forward per token.
+- ``exact``: causal SDPA and ``attention`` at each T of ``exact_lens``, forward and
+  forward+backward, with the peak memory of the forward per token. ``attention`` runs in torch's
+  fused CPU kernel where it applies (as SDPA does); the rows ``attention, own tiling`` switch that
+  off (``own_tiling()``) and time this library's own code: the key-block walk here, the span loop
+  for the window, the block-sparse engine without fused pieces for the random mask.
 - ``decode``: one query against a ``decode_len``-token cache: SDPA and ``attention_decode``.
 - ``window``: causal SDPA vs ``attention(window=w)`` and ``attention(window=w, sinks=4)`` at ``T``,
   forward and fwd+bwd.
@@ -44,6 +47,7 @@ from subquad.bench.machine import PeakMemory, load_average, machine_info, measur
 from subquad.bench.speed import _time as time_median
 from subquad.ops import attention, attention_decode, hyper_attention, routing_attention
 from subquad.ops.attention.estimators import ESTIMATORS, mask_density
+from subquad.ops.attention.window import own_tiling
 from subquad.ops.routing import update_centroids
 
 
@@ -224,13 +228,22 @@ def _rel_err(o: torch.Tensor, ref: torch.Tensor) -> float:
     return float((o.double() - ref.double()).norm() / ref.double().norm())
 
 
+# the op with torch's fused CPU kernel switched off: this library's own key-block walk
+OWN_TILING = "attention, own tiling"
+
+
+def _own(fn, *args, **kwargs):
+    with own_tiling():
+        return fn(*args, **kwargs)
+
+
 def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dict:
     """Every row of the benchmark; see the module docstring."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     probe = PeakMemory(torch.device("cpu"))
     rows: list[dict] = []
-    steps = len(cfg.exact_lens) + len(cfg.memory_lens) + 2 * len(cfg.estimators) + 5  # progress units
+    steps = len(cfg.exact_lens) + len(cfg.memory_lens) + 2 * len(cfg.estimators) + 6  # progress units
     bar = tqdm(total=steps, disable=not progress, desc="bench attention", unit="step")
 
     def step(label):
@@ -243,23 +256,28 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
         for name, fn in (
             ("sdpa", lambda q=q, k=k, v=v: _sdpa(q, k, v)),
             ("attention", lambda q=q, k=k, v=v: attention(q, k, v)),
+            (OWN_TILING, lambda q=q, k=k, v=v: _own(attention, q, k, v)),
         ):
             rows.append({"section": "exact", "method": name, "T": T, **_timed_pair(fn, [q, k, v], cfg)})
         step(f"exact T={T}")
     for T in cfg.memory_lens:
         q, k, v = structured_qkv(T, heads=cfg.heads, head_dim=cfg.head_dim, seed=cfg.seed)
-        with torch.no_grad():
-            mem = measure_peak(lambda q=q, k=k, v=v: attention(q, k, v), probe)
-        rows.append(
-            {
-                "section": "memory",
-                "method": "attention",
-                "T": T,
-                "fwd_mem_bytes": mem,
-                "fwd_bytes_per_token": None if mem is None else mem / T,
-                "input_bytes_per_token": 4 * 3 * cfg.heads * cfg.head_dim,
-            }
-        )
+        for name, fn in (
+            ("attention", lambda q=q, k=k, v=v: attention(q, k, v)),
+            (OWN_TILING, lambda q=q, k=k, v=v: _own(attention, q, k, v)),
+        ):
+            with torch.no_grad():
+                mem = measure_peak(fn, probe)
+            rows.append(
+                {
+                    "section": "memory",
+                    "method": name,
+                    "T": T,
+                    "fwd_mem_bytes": mem,
+                    "fwd_bytes_per_token": None if mem is None else mem / T,
+                    "input_bytes_per_token": 4 * 3 * cfg.heads * cfg.head_dim,
+                }
+            )
         step(f"memory T={T}")
 
     # one decoding step against a long cache
@@ -303,11 +321,15 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
     }
     rows.append(dense)
     # the plain window (what the speed target names) and with StreamingLLM's 4 sink keys
-    for sinks in (0, 4):
+    # (and the plain window by this library's own span loop, torch's fused kernel off)
+    for sinks, own in ((0, False), (4, False), (0, True)):
         fn = lambda sinks=sinks: attention(q, k, v, window=cfg.window, sinks=sinks)  # noqa: E731
+        fn = (lambda fn=fn: _own(fn)) if own else fn
         win = {
             "section": "window",
-            "method": f"attention window={cfg.window}" + (f" sinks={sinks}" if sinks else ""),
+            "method": (OWN_TILING if own else "attention")
+            + f" window={cfg.window}"
+            + (f" sinks={sinks}" if sinks else ""),
             "T": T,
             **_timed_pair(fn, [q, k, v], cfg),
         }
@@ -330,8 +352,10 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
         None,
         {"density": rnd_density},
     )
+    masks[f"random, {OWN_TILING}"] = masks["random"]
     for name, (mask, t_est, kwargs) in masks.items():
         fn = lambda mask=mask: attention(q, k, v, block_mask=mask, chunk_size=b)  # noqa: E731
+        fn = (lambda fn=fn: _own(fn)) if name.endswith(OWN_TILING) else fn
         row = {
             "section": "sparse",
             "method": name,
@@ -408,7 +432,7 @@ def format_table(result: dict) -> str:
         f"# subquad bench attention\n\nfloat32, B=1, H={cfg['heads']}, D={cfg['head_dim']}, "
         f"{m['torch_threads']} threads on {m['cpu']}, torch {m['torch']}, commit {m.get('git_commit')}; "
         f"load average before the run {result.get('load_average')}. Medians of {cfg['repeats']} repeats.\n",
-        "## Exact causal attention (tiled) vs SDPA\n",
+        "## Exact causal attention vs SDPA\n",
         "| T | method | fwd s | fwd+bwd s | fwd speedup vs SDPA | fwd+bwd speedup |",
         "|---|---|---|---|---|---|",
     ]
@@ -419,13 +443,13 @@ def format_table(result: dict) -> str:
                 f"| {_f(r.get('fwd_speedup_vs_sdpa'), '.2f')} "
                 f"| {_f(r.get('fwdbwd_speedup_vs_sdpa'), '.2f')} |"
             )
-    out += ["", "Peak memory of the tiled forward above what was held before it (inputs excluded):", ""]
-    out += ["| T | peak MB | bytes / token | input bytes / token |", "|---|---|---|---|"]
+    out += ["", "Peak memory of the forward above what was held before it (inputs excluded):", ""]
+    out += ["| T | method | peak MB | bytes / token | input bytes / token |", "|---|---|---|---|---|"]
     for r in rows:
         if r["section"] == "memory":
             mb = None if r["fwd_mem_bytes"] is None else r["fwd_mem_bytes"] / 2**20
             out.append(
-                f"| {r['T']} | {_f(mb, '.1f')} | {_f(r['fwd_bytes_per_token'], '.0f')} "
+                f"| {r['T']} | {r['method']} | {_f(mb, '.1f')} | {_f(r['fwd_bytes_per_token'], '.0f')} "
                 f"| {r['input_bytes_per_token']} |"
             )
     out += ["", "## One decoding step (one query, whole cache)\n"]

@@ -25,7 +25,7 @@ import torch
 
 from subquad.ops._common.chunking import pad_time, state_dtype
 from subquad.ops.attention.masks import allowed
-from subquad.ops.attention.window import window_attention
+from subquad.ops.attention.window import _FLASH, _FLASH_BWD, fused_kernel_applies, window_attention
 
 # query block of the windowed path: 64 was fastest of 64 / 96 / 128 / 256 for window 512 at
 # T = 16K on 2 cores (the span a block scores is w + b - 1 keys, so smaller blocks waste less)
@@ -202,13 +202,42 @@ class _TiledAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def chunk_attention(q, k, v, causal, window, sinks, scale, block_size):
-    """q, k ``[B, T, H, K]``, v ``[B, T, H, V]`` (heads already matched): ``(o, lse [B, T, H])``.
-    A window shorter than half the sequence runs by key spans (window.py), in query blocks of
-    ``min(block_size, WINDOW_BLOCK)``; longer windows and full attention walk key blocks here."""
+class _FlashFull(torch.autograd.Function):
+    """Full (causal or not) attention through torch's fused CPU kernel, ``[B, T, H, D]`` in and out.
+    The kernel is the FlashAttention algorithm in C++ (tiles, online softmax, lse out, recomputing
+    backward); it has no input for a gradient on lse, so such a backward recomputes this call by
+    the key-block walk above."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, block_size):
+        cd = state_dtype(q.dtype)
+        qt, kt, vt = (x.to(cd).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D] views
+        qt, kt, vt = (x if x.stride(-1) == 1 else x.contiguous() for x in (qt, kt, vt))
+        o, lse = _FLASH(qt, kt, vt, is_causal=causal, scale=scale)
+        ctx.save_for_backward(qt, kt, vt, o, lse)
+        ctx.causal, ctx.scale, ctx.block_size = causal, scale, block_size
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        return o.transpose(1, 2).to(q.dtype), lse.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        qt, kt, vt, o, lse = ctx.saved_tensors
+        if dlse is not None and bool(dlse.ne(0).any()):
+            with torch.enable_grad():
+                leaves = [x.transpose(1, 2).detach().requires_grad_() for x in (qt, kt, vt)]
+                outs = _walk(*leaves, ctx.causal, None, 0, ctx.scale, ctx.block_size)
+                grads = torch.autograd.grad(outs, leaves, (do, dlse))
+        else:
+            dot = do.to(qt.dtype).transpose(1, 2)
+            dot = dot if dot.stride(-1) == 1 else dot.contiguous()
+            g = _FLASH_BWD(dot, qt, kt, vt, o, lse, 0.0, ctx.causal, scale=ctx.scale)
+            grads = [x.transpose(1, 2) for x in g]
+        return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None, None, None)
+
+
+def _walk(q, k, v, causal, window, sinks, scale, block_size):
+    """The key-block walk of this module on ``[B, T, H, D]`` inputs: ``(o, lse)``."""
     B, T, H, _ = q.shape
-    if window is not None and window < T // 2:
-        return window_attention(q, k, v, causal, window, sinks, scale, min(block_size, WINDOW_BLOCK))
     cd = state_dtype(q.dtype)
     b = min(block_size, T)
     plan = _Plan(T, b, causal, window, sinks, q.device)
@@ -218,3 +247,16 @@ def chunk_attention(q, k, v, causal, window, sinks, scale, block_size):
     o = _from_blocks(o, B, H, T).to(q.dtype)
     lse = _from_blocks(lse.unsqueeze(-1), B, H, T).squeeze(-1)
     return o, lse
+
+
+def chunk_attention(q, k, v, causal, window, sinks, scale, block_size):
+    """q, k ``[B, T, H, K]``, v ``[B, T, H, V]`` (heads already matched): ``(o, lse [B, T, H])``.
+    A window shorter than half the sequence runs by key spans (window.py), in query blocks of
+    ``min(block_size, WINDOW_BLOCK)``; full attention on CPU with K == V runs in torch's fused
+    kernel (``_FlashFull``); longer windows, sinks and the rest walk key blocks here."""
+    T = q.shape[1]
+    if window is not None and window < T // 2:
+        return window_attention(q, k, v, causal, window, sinks, scale, min(block_size, WINDOW_BLOCK))
+    if window is None and fused_kernel_applies(q, v):
+        return _FlashFull.apply(q, k, v, causal, scale, block_size)
+    return _walk(q, k, v, causal, window, sinks, scale, block_size)

@@ -36,6 +36,7 @@ backward.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -243,11 +244,28 @@ FLASH_BLOCK = 128
 GROUP_ELEMENTS = 1 << 22
 
 
+_USE_FUSED = True
+
+
+@contextlib.contextmanager
+def own_tiling():
+    """Within this block attention runs by this library's own tiling only (torch's fused CPU kernel
+    off): to test those paths on inputs the kernel would take, and to time them against it."""
+    global _USE_FUSED
+    before, _USE_FUSED = _USE_FUSED, False
+    try:
+        yield
+    finally:
+        _USE_FUSED = before
+
+
 def fused_kernel_applies(q, v):
     """Whether torch's fused CPU attention kernel can run these inputs: it is present (forward and
-    backward), the tensors are on the CPU and the value head size equals the key's."""
+    backward) and not switched off by ``own_tiling``, the tensors are on the CPU and the value head
+    size equals the key's."""
     return (
-        _FLASH is not None
+        _USE_FUSED
+        and _FLASH is not None
         and _FLASH_BWD is not None
         and q.device.type == "cpu"
         and q.shape[-1] == v.shape[-1]
