@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from subquad.bench.attention import (
+    OWN_TILING,
     AttentionBenchConfig,
     quick_config,
     random_block_mask,
@@ -49,7 +50,13 @@ def test_bench_runs_every_section(tmp_path):
     assert set(approx) == {"hyper", "routing"}
     assert all(0 <= r["rel_err"] < 2 and r["fwd_speedup_vs_sdpa"] > 0 for r in approx.values())
     sparse = {r["method"]: r for r in result["rows"] if r["section"] == "sparse"}
-    assert set(sparse) == {"quest", "xattention", "random"}
+    assert set(sparse) == {"quest", "xattention", "random", f"random, {OWN_TILING}"}
+    # the own-tiling rows time the same computation as the kernel rows: same output, same density
+    assert sparse["random"]["rel_err"] == pytest.approx(sparse[f"random, {OWN_TILING}"]["rel_err"], rel=1e-4)
+    exact = {r["method"] for r in result["rows"] if r["section"] == "exact"}
+    assert exact == {"sdpa", "attention", OWN_TILING}
+    windows = {r["method"] for r in result["rows"] if r["section"] == "window"}
+    assert windows == {"attention window=64", "attention window=64 sinks=4", f"{OWN_TILING} window=64"}
     for r in sparse.values():
         assert 0 < r["density"] <= 1 and r["rel_err"] >= 0 and r["fwd_speedup_vs_sdpa"] > 0
     assert sparse["quest"]["estimate_over_fwd"] == pytest.approx(
