@@ -25,7 +25,15 @@ import torch
 
 from subquad.ops._common.chunking import pad_time, state_dtype
 from subquad.ops.attention.masks import allowed
-from subquad.ops.attention.window import _FLASH, _FLASH_BWD, fused_kernel_applies, window_attention
+from subquad.ops.attention.window import (
+    _FLASH,
+    _FLASH_BWD,
+    fused_kernel_applies,
+    has_lse_grad,
+    kernel_input,
+    recompute_grads,
+    window_attention,
+)
 
 # query block of the windowed path: 64 was fastest of 64 / 96 / 128 / 256 for window 512 at
 # T = 16K on 2 cores (the span a block scores is w + b - 1 keys, so smaller blocks waste less)
@@ -211,8 +219,7 @@ class _FlashFull(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, block_size):
         cd = state_dtype(q.dtype)
-        qt, kt, vt = (x.to(cd).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D] views
-        qt, kt, vt = (x if x.stride(-1) == 1 else x.contiguous() for x in (qt, kt, vt))
+        qt, kt, vt = (kernel_input(x.transpose(1, 2), cd) for x in (q, k, v))  # [B, H, T, D] views
         o, lse = _FLASH(qt, kt, vt, is_causal=causal, scale=scale)
         ctx.save_for_backward(qt, kt, vt, o, lse)
         ctx.causal, ctx.scale, ctx.block_size = causal, scale, block_size
@@ -222,14 +229,11 @@ class _FlashFull(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         qt, kt, vt, o, lse = ctx.saved_tensors
-        if dlse is not None and bool(dlse.ne(0).any()):
-            with torch.enable_grad():
-                leaves = [x.transpose(1, 2).detach().requires_grad_() for x in (qt, kt, vt)]
-                outs = _walk(*leaves, ctx.causal, None, 0, ctx.scale, ctx.block_size)
-                grads = torch.autograd.grad(outs, leaves, (do, dlse))
+        if has_lse_grad(dlse):
+            walk = lambda *x: _walk(*x, ctx.causal, None, 0, ctx.scale, ctx.block_size)  # noqa: E731
+            grads = recompute_grads(walk, [x.transpose(1, 2) for x in (qt, kt, vt)], do, dlse)
         else:
-            dot = do.to(qt.dtype).transpose(1, 2)
-            dot = dot if dot.stride(-1) == 1 else dot.contiguous()
+            dot = kernel_input(do.transpose(1, 2), qt.dtype)
             g = _FLASH_BWD(dot, qt, kt, vt, o, lse, 0.0, ctx.causal, scale=ctx.scale)
             grads = [x.transpose(1, 2) for x in g]
         return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None, None, None)

@@ -29,7 +29,7 @@ import torch
 from subquad.ops._common.chunking import pad_time, state_dtype
 from subquad.ops.attention.chunk import _from_blocks, _to_blocks
 from subquad.ops.attention.masks import allowed
-from subquad.ops.attention.window import _FLASH, _FLASH_BWD, fused_kernel_applies
+from subquad.ops.attention.window import _FLASH, _FLASH_BWD, fused_kernel_applies, has_lse_grad
 
 PIECE = 2**21  # score elements per piece of a group
 
@@ -165,7 +165,7 @@ def _sparse_forward(q, k, v, plan, scale):
 
 
 def _sparse_backward(q, k, v, o, lse, do, dlse, plan, scale):
-    with_dlse = bool(dlse.ne(0).any())  # the fused backward has no input for a gradient on lse
+    with_dlse = has_lse_grad(dlse)
     delta = (do * o).sum(-1) - dlse
     qs = None
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

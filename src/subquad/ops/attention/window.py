@@ -272,6 +272,25 @@ def fused_kernel_applies(q, v):
     )
 
 
+def kernel_input(x, dtype):
+    """``x`` in ``dtype`` as the fused kernel takes it: any strides, but unit stride along the head dim."""
+    x = x.to(dtype)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def has_lse_grad(dlse):
+    """Whether a backward received a gradient on lse (the fused backward has no input for one)."""
+    return dlse is not None and bool(dlse.ne(0).any())
+
+
+def recompute_grads(fn, inputs, do, dlse):
+    """Gradients of ``(o, lse) = fn(*inputs)`` given ``(do, dlse)``, by running ``fn`` again under
+    autograd: the fallback of a fused backward that receives a gradient on lse."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in inputs]
+        return torch.autograd.grad(fn(*leaves), leaves, (do, dlse))
+
+
 class _BandPlan:
     """Block-aligned spans: block I (queries ``[I b, I b + b)``) scores keys ``[I b - P, I b + b + R)``
     with ``P``, ``R`` the window's reach rounded up to whole blocks; interior blocks are those whose
@@ -456,8 +475,7 @@ class _FlashWindow(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, scale, span_block):
         cd = state_dtype(q.dtype)
-        # the kernel reads any strides but needs unit stride along the head dim
-        qc, kc, vc = (x.to(cd) if x.stride(-1) == 1 else x.to(cd).contiguous() for x in (q, k, v))
+        qc, kc, vc = (kernel_input(x, cd) for x in (q, k, v))
         o, lse = _flash_forward(qc, kc, vc, plan, scale)
         lse_w = _merge_sinks(qc, kc, vc, o, lse, plan, scale) if plan.sink_hidden is not None else lse
         ctx.save_for_backward(qc, kc, vc, o, lse, lse_w)
@@ -469,15 +487,12 @@ class _FlashWindow(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse, lse_w = ctx.saved_tensors
         plan = ctx.plan
-        if dlse is not None and bool(dlse.ne(0).any()):
-            # the fused backward has no input for d lse: recompute this call by spans
+        if has_lse_grad(dlse):
+            # recompute this call by spans
             span = _SpanPlan(
                 plan.T, min(ctx.span_block, plan.T), plan.causal, plan.window, plan.sinks, q.device
             )
-            with torch.enable_grad():
-                leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-                outs = _SpanAttention.apply(*leaves, span, ctx.scale)
-                grads = torch.autograd.grad(outs, leaves, (do, dlse))
+            grads = recompute_grads(lambda *x: _SpanAttention.apply(*x, span, ctx.scale), (q, k, v), do, dlse)
             return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None, None, None)
         do = do.to(q.dtype)
         if plan.sink_hidden is None:
