@@ -94,6 +94,25 @@ def test_antidiagonal_scores_sum_the_antidiagonals_of_each_cell():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("T", "L"), [(40, 7), (12, 12), (9, 1)])
+def test_vertical_slash_probe_sums_match_definition(T, L):
+    """Column and diagonal sums of the last L queries' causal softmax, against a per-query loop."""
+    from subquad.ops.attention.estimators import _probe_sums
+
+    q, k = _qk(B=1, T=T, H=2, Hk=2)
+    scale = q.shape[-1] ** -0.5
+    col, diag = _probe_sums(q, k, L, scale)
+    want_col, want_diag = torch.zeros(1, 2, T), torch.zeros(1, 2, T)
+    for h in range(2):
+        for i in range(T - L, T):
+            p = (k[0, : i + 1, h].double() @ q[0, i, h].double() * scale).softmax(0)
+            for j in range(i + 1):
+                want_col[0, h, j] += p[j].item()
+                want_diag[0, h, i - j] += p[j].item()
+    torch.testing.assert_close(col, want_col, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(diag, want_diag, rtol=1e-5, atol=1e-6)
+
+
 def test_quest_bounds_are_upper_bounds():
     """Keeping the single best-bounded block per row must never discard a block that holds the
     row's largest true score while the kept one's true maximum is smaller than that bound says

@@ -161,6 +161,36 @@ def xattention_mask(
     return (mask | must) & vis
 
 
+def _probe_sums(q, k, L, scale):
+    """Attention of the last ``L`` queries over all keys (causal), summed per key column and per
+    diagonal offset ``d = i - j``: ``col, diag [B, H, T]`` in float32. One ``[L, T]`` probability
+    block per (batch, head), reused in place: the whole ``[B, H, L, T]`` tensor would be written
+    and read several times over (hundreds of MB at 16K tokens), one head's block stays in cache."""
+    B, T, H, _ = q.shape
+    col = torch.zeros(B, H, T, device=q.device)
+    diag = torch.zeros(B, H, T, device=q.device)
+    # query T - L + l sees keys j <= T - L + l: of the last L - 1 columns (keys T - L + 1 + c),
+    # row l's c >= l are hidden
+    hidden = torch.ones(L, L - 1, dtype=torch.bool, device=q.device).triu()
+    qs = q[:, T - L :].float() * scale
+    kf = k.float()
+    for bi in range(B):
+        for h in range(H):
+            p = torch.mm(qs[bi, :, h], kf[bi, :, h].t())  # [L, T]
+            if L > 1:
+                p[:, T - L + 1 :].masked_fill_(hidden, float("-inf"))
+            p = p.sub_(p.amax(-1, keepdim=True)).exp_()
+            p = p.div_(p.sum(-1, keepdim=True))
+            col[bi, h] = p.sum(0)
+            # row l at offset d reads key T - L + l - d: with the columns reversed, that is
+            # column d + L - 1 - l, so each row adds a shifted run of its reversed probabilities
+            pr = p.flip(-1)
+            for l in range(L):
+                s0 = L - 1 - l
+                diag[bi, h, : T - s0] += pr[l, s0:]
+    return col, diag
+
+
 @torch.no_grad()
 def vertical_slash_mask(
     q: torch.Tensor,
@@ -193,15 +223,7 @@ def vertical_slash_mask(
     b = block_size
     nb = -(-T // b)
     L = min(last_q, T)
-    qi = torch.arange(T - L, T, device=q.device)  # positions of the probing queries
-    j = torch.arange(T, device=q.device)
-    s = torch.einsum("blhk,bjhk->bhlj", q[:, T - L :].float(), _expand_heads(k, H).float()) * scale
-    p = s.masked_fill_(j[None, :] > qi[:, None], float("-inf")).softmax(-1)  # [B, H, L, T]
-    col = p.sum(2)  # [B, H, T]
-    offsets = (qi[:, None] - j[None, :]).clamp(min=0)  # [L, T]; invisible pairs have p = 0
-    diag = torch.zeros(B, H, T, device=q.device).scatter_add_(
-        -1, offsets.reshape(1, 1, -1).expand(B, H, -1), p.reshape(B, H, -1)
-    )
+    col, diag = _probe_sums(q, _expand_heads(k, q.shape[2]), L, scale)
     cols = col.topk(min(vertical, T), -1).indices  # [B, H, nv]
     offs = diag.topk(min(slash, T), -1).indices  # [B, H, ns]
     mask = torch.zeros(B, H, nb, nb, dtype=torch.bool, device=q.device)
