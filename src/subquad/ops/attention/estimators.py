@@ -164,9 +164,11 @@ def xattention_mask(
 def _probe_sums(q, k, L, scale):
     """Attention of the last ``L`` queries over all keys (causal), summed per key column and per
     diagonal offset ``d = i - j``: ``col, diag [B, H, T]`` in float32. One ``[L, T]`` probability
-    block per (batch, head), reused in place: the whole ``[B, H, L, T]`` tensor would be written
-    and read several times over (hundreds of MB at 16K tokens), one head's block stays in cache."""
+    block per (batch, head), reused in place: the whole ``[B, H, L, T]`` tensor (33 MB at L = 64,
+    T = 16K, 8 heads) would be written and read several times over; one head's block stays in
+    cache. k may have fewer heads (grouped): query head h reads key head ``h // (H / Hk)``."""
     B, T, H, _ = q.shape
+    G = H // k.shape[2]
     col = torch.zeros(B, H, T, device=q.device)
     diag = torch.zeros(B, H, T, device=q.device)
     # query T - L + l sees keys j <= T - L + l: of the last L - 1 columns (keys T - L + 1 + c),
@@ -176,7 +178,7 @@ def _probe_sums(q, k, L, scale):
     kf = k.float()
     for bi in range(B):
         for h in range(H):
-            p = torch.mm(qs[bi, :, h], kf[bi, :, h].t())  # [L, T]
+            p = torch.mm(qs[bi, :, h], kf[bi, :, h // G].t())  # [L, T]
             if L > 1:
                 p[:, T - L + 1 :].masked_fill_(hidden, float("-inf"))
             p = p.sub_(p.amax(-1, keepdim=True)).exp_()
@@ -223,7 +225,7 @@ def vertical_slash_mask(
     b = block_size
     nb = -(-T // b)
     L = min(last_q, T)
-    col, diag = _probe_sums(q, _expand_heads(k, q.shape[2]), L, scale)
+    col, diag = _probe_sums(q, k, L, scale)
     cols = col.topk(min(vertical, T), -1).indices  # [B, H, nv]
     offs = diag.topk(min(slash, T), -1).indices  # [B, H, ns]
     mask = torch.zeros(B, H, nb, nb, dtype=torch.bool, device=q.device)

@@ -237,10 +237,10 @@ class _SpanAttention(torch.autograd.Function):
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-# query block of the fused path. At window 512, T = 16K on 2 cores (B = 1, H = 8, D = 64): forward
-# 0.18 s at 64, 0.20 at 128, 0.18 at 256; backward 0.54-0.61 s at 64, 0.52-0.55 at 128, 0.41-0.47
-# at 256, 0.65 at 384 (spans of P + b + R keys: larger blocks make fewer, longer kernel rows and
-# waste more masked keys)
+# query block of the fused path. At window 512, T = 16K on a 2-core Intel Xeon VM (B = 1, H = 8,
+# D = 64): forward 0.18 s at 64, 0.20 at 128, 0.18 at 256; backward 0.46-0.61 s at 64, 0.48-0.55
+# at 128, 0.41-0.47 at 256, 0.65 at 384 (spans of P + b + R keys: larger blocks make fewer,
+# longer kernel rows and waste more masked keys)
 FLASH_BLOCK = 256
 # values per span tensor in one kernel call (4 MB in float32; see _BandPlan.groups). Measured with
 # the numbers above: 1 << 20 gave a 3-6% faster backward than 1 << 22 (fewer page faults)
