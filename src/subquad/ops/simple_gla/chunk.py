@@ -165,9 +165,13 @@ def chunk_scalar_decay(
         e = min(s + L, Tp)
         n = (e - s) // C
         q_s, k_s, v_s, g_s = (p[seg] for p in pieces)
-        # 1. this segment's chunks, contiguous [B, H, n, C, D] in the compute dtype
-        qc, kc, vc = (to_chunks(x, C, cd) for x in (q_s, k_s, v_s))
+        # 1. this segment's chunks, contiguous [B, H, n, C, D] in the compute dtype (q and k stay
+        # strided views where a decay multiply below writes the contiguous copy)
+        vc = to_chunks(v_s, C, cd)
+        qv, kv = (x.view(B, n, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q_s, k_s))
+        qc = kc = None
         if not decayed:
+            qc, kc = (to_chunks(x, C, cd) for x in (q_s, k_s))
             # 2a. no decay: masked scores; W is all ones below the diagonal (a cumulative sum)
             scores = batched_qk(qc, kc) * scaled_mask  # [B, H, n, C, C]
             U = batched_kv(kc, vc).view(B, H, n, K * V)
@@ -186,10 +190,13 @@ def chunk_scalar_decay(
                 # 2b. moderate data-dependent decay: factor each chunk around its midpoint, so
                 # the decays are two passes over q and k and the rest folds into W
                 e_q, e_k, w, to_start, whole = (x.to(cd) for x in _factored_factors(bc, log_scale))
-                qc = qc * e_q
-                kc = kc * e_k
-                scores = batched_qk(qc, kc) * mask
+                # the factor first: a broadcast product takes its layout, so the result is the
+                # contiguous chunk layout and the strided q and k are read once (no separate copy)
+                qc = torch.mul(e_q, qv)
+                kc = torch.mul(e_k, kv)
+                scores = batched_qk(qc, kc).mul_(mask)
             else:
+                qc, kc = (to_chunks(x, C, cd) for x in (q_s, k_s))
                 # 2c. constant decay (factors shared by all chunks) or strong decay (float64
                 # exponents, see _decay_factors)
                 if g_gamma is not None:
