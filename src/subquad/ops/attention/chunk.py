@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from subquad.ops._common.chunking import pad_time, state_dtype
+from subquad.ops._common.chunking import exp_fast, pad_time, state_dtype
 from subquad.ops.attention.masks import allowed
 from subquad.ops.attention.window import (
     _FLASH,
@@ -140,7 +140,7 @@ def _forward(q, k, v, plan, scale):
         m_old = m[I0:I1]
         m_new = torch.maximum(m_old, s.amax(-1))
         m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with nothing seen yet
-        p = s.sub_(m_safe.unsqueeze(-1)).exp_()
+        p = exp_fast(s.sub_(m_safe.unsqueeze(-1)))
         corr = torch.exp(m_old - m_safe)
         acc[I0:I1].mul_(corr.unsqueeze(-1)).add_(torch.matmul(p, vb))
         m_old.copy_(m_new)
@@ -171,7 +171,7 @@ def _backward(q, k, v, o, lse, do, dlse, plan, scale):
 
     def accumulate(I, qb, kb, vb, s):
         """dV, dQ (unscaled) of query blocks I; returns the keys' gradient."""
-        p = s.sub_(lse[I].unsqueeze(-1)).exp_()  # masked scores give exactly 0
+        p = exp_fast(s.sub_(lse[I].unsqueeze(-1)))  # masked scores give exactly 0
         dv_part = torch.matmul(p.transpose(-1, -2), do[I])
         ds = p.mul_(torch.matmul(do[I], vb.transpose(-1, -2)).sub_(delta[I].unsqueeze(-1)))
         dq[I] += torch.matmul(ds, kb)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from subquad.ops._common.chunking import state_dtype
+from subquad.ops._common.chunking import exp_fast, state_dtype
 
 # cache values (keys of all heads) per split when the caller does not fix the number of splits:
 # 2^21 float32 values = 8 MiB, which keeps the product buffer in the last-level cache
@@ -65,7 +65,7 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, num_splits):
         # 2. each split's softmax partials, all splits at once
         s = s.view(P, c, H)
         m = s.amax(1, keepdim=True)  # [P, 1, H]
-        e = s.sub_(m).exp_()  # the padding rows give exactly 0
+        e = exp_fast(s.sub_(m))  # the padding rows give exactly 0
         l = e.sum(1)  # [P, H]
         # 3. each split's weighted values
         e = e.view(P * c, Hk, G, 1)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from subquad.ops._common import validation as val
-from subquad.ops._common.chunking import pad_time
+from subquad.ops._common.chunking import exp_fast, pad_time
 
 
 def _check(q, k, block_size, causal, scale):
@@ -181,7 +181,7 @@ def _probe_sums(q, k, L, scale):
             p = torch.mm(qs[bi, :, h], kf[bi, :, h // G].t())  # [L, T]
             if L > 1:
                 p[:, T - L + 1 :].masked_fill_(hidden, float("-inf"))
-            p = p.sub_(p.amax(-1, keepdim=True)).exp_()
+            p = exp_fast(p.sub_(p.amax(-1, keepdim=True)))
             p = p.div_(p.sum(-1, keepdim=True))
             col[bi, h] = p.sum(0)
             # row l at offset d reads key T - L + l - d: with the columns reversed, that is

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from subquad.ops._common.chunking import pad_time, state_dtype
+from subquad.ops._common.chunking import exp_fast, pad_time, state_dtype
 from subquad.ops.attention.chunk import _from_blocks, _to_blocks
 from subquad.ops.attention.masks import allowed
 from subquad.ops.attention.window import _FLASH, _FLASH_BWD, fused_kernel_applies, has_lse_grad
@@ -155,7 +155,7 @@ def _sparse_forward(q, k, v, plan, scale):
         s, _ = _scores(qs, k, rows, keys, mask)
         m = s.amax(-1, keepdim=True)
         m = m.masked_fill_(m == float("-inf"), 0.0)
-        p = s.sub_(m).exp_()
+        p = exp_fast(s.sub_(m))
         vv = torch.index_select(v, 0, keys.reshape(-1)).view(R, c * b, Vd)
         l = p.sum(-1)  # [R, b]
         seen = l > 0  # a query none of whose kept keys is visible gets o = 0, lse = +inf
@@ -187,7 +187,7 @@ def _sparse_backward(q, k, v, o, lse, do, dlse, plan, scale):
             continue
         qs = q * scale if qs is None else qs
         s, kk = _scores(qs, k, rows, keys, mask)
-        p = s.sub_(torch.index_select(lse, 0, rows).unsqueeze(-1)).exp_()  # lse = +inf gives p = 0
+        p = exp_fast(s.sub_(torch.index_select(lse, 0, rows).unsqueeze(-1)))  # lse = +inf gives p = 0
         do_r = torch.index_select(do, 0, rows)
         vv = torch.index_select(v, 0, flat).view(R, c * b, -1)
         dv.index_add_(0, flat, torch.bmm(p.transpose(1, 2), do_r).view(R * c, b, -1))

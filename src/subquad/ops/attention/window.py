@@ -41,7 +41,7 @@ import math
 
 import torch
 
-from subquad.ops._common.chunking import state_dtype
+from subquad.ops._common.chunking import exp_fast, state_dtype
 from subquad.ops.attention.masks import allowed
 
 
@@ -143,7 +143,7 @@ def _forward(qs, k, v, plan):
             k0, k1 = plan.span(I)
             s = _scores(_heads(qs[bi], I * b, (I + 1) * b), _heads(k[bi], k0, k1), plan.blocked(I))
             mI = torch.amax(s, -1, out=m[bi, I])  # every row sees a key: finite
-            p = s.sub_(mI.unsqueeze(-1)).exp_()
+            p = exp_fast(s.sub_(mI.unsqueeze(-1)))
             torch.sum(p, -1, out=l[bi, I])
             _heads(acc[bi], I * b, (I + 1) * b).copy_(torch.bmm(p, _heads(v[bi], k0, k1)))
     lse = torch.log(l).add_(m)
@@ -156,7 +156,7 @@ def _forward(qs, k, v, plan):
         lse_w = lse[bi].transpose(0, 1).reshape(H, Tp)
         lse_all = torch.logaddexp(lse_w, torch.logsumexp(s_sink, -1))  # [H, Tp]
         acc_blocks[bi].mul_(torch.exp(lse_w - lse_all).view(H, nb, b, 1).transpose(0, 1))
-        p = s_sink.sub_(lse_all.unsqueeze(-1)).exp_()
+        p = exp_fast(s_sink.sub_(lse_all.unsqueeze(-1)))
         vs = _heads(v[bi], 0, p.shape[-1]).contiguous()
         acc[bi].add_(torch.bmm(p, vs).transpose(0, 1))
         lse[bi] = lse_all.view(H, nb, b).transpose(0, 1)
@@ -177,7 +177,7 @@ def _backward(qs, k, v, o, lse, do, dlse, plan):
             k0, k1 = plan.span(I)
             qI, doI = _heads(qs[bi], I * b, (I + 1) * b), _heads(do[bi], I * b, (I + 1) * b)
             kS, vS = _heads(k[bi], k0, k1), _heads(v[bi], k0, k1)
-            p = _scores(qI, kS, plan.blocked(I)).sub_(lse[bi, I].unsqueeze(-1)).exp_()
+            p = exp_fast(_scores(qI, kS, plan.blocked(I)).sub_(lse[bi, I].unsqueeze(-1)))
             # (a fresh product added to the strided span slice: baddbmm_ into it runs per head)
             dv[bi, :, k0:k1].add_(torch.bmm(p.transpose(1, 2), doI))
             ds = p.mul_(torch.bmm(doI, vS.transpose(1, 2)).sub_(delta[bi, I].unsqueeze(-1)))
@@ -188,7 +188,7 @@ def _backward(qs, k, v, o, lse, do, dlse, plan):
             n_s = ks.shape[1]
             lse_t = lse[bi].transpose(0, 1).reshape(H, Tp)
             delta_t = delta[bi].transpose(0, 1).reshape(H, Tp)
-            p = s_sink.sub_(lse_t.unsqueeze(-1)).exp_()  # [H, Tp, s]
+            p = exp_fast(s_sink.sub_(lse_t.unsqueeze(-1)))  # [H, Tp, s]
             do_h = do[bi].transpose(0, 1)
             dv[bi, :, :n_s].baddbmm_(p.transpose(1, 2), do_h)
             vs = _heads(v[bi], 0, n_s).contiguous()
@@ -462,7 +462,7 @@ def _merge_sinks(q, k, v, o, lse, plan, scale):
         s_sink, _ = _extra_sink_scores(q[bi], k[bi], plan, scale)  # [T, H, s]
         torch.logaddexp(lse_w[bi], torch.logsumexp(s_sink, -1), out=lse[bi])
         o[bi].mul_(torch.exp(lse_w[bi] - lse[bi]).unsqueeze(-1))
-        p = s_sink.sub_(lse[bi].unsqueeze(-1)).exp_().view(T, -1)
+        p = exp_fast(s_sink.sub_(lse[bi].unsqueeze(-1))).view(T, -1)
         o[bi].view(T, -1).addmm_(p, _head_blocks(v[bi, : s_sink.shape[-1]]))
     return lse_w
 
@@ -508,7 +508,7 @@ class _FlashWindow(torch.autograd.Function):
             for bi in range(q.shape[0]):
                 s_sink, kbd = _extra_sink_scores(q[bi], k[bi], plan, ctx.scale)
                 n_s = s_sink.shape[-1]
-                p = s_sink.sub_(lse[bi].unsqueeze(-1)).exp_()  # [T, H, s]
+                p = exp_fast(s_sink.sub_(lse[bi].unsqueeze(-1)))  # [T, H, s]
                 do2 = do[bi].reshape(T, -1)
                 vbd = _head_blocks(v[bi, :n_s])  # [H * s, H * V]
                 dv_all = torch.mm(p.view(T, -1).t(), do2).view(H, n_s, H, -1)

@@ -38,6 +38,7 @@ from subquad.ops._common.chunking import (
     batched_kv,
     batched_qk,
     causal_mask,
+    exp_fast,
     pad_time,
     segment_length,
     state_dtype,
@@ -97,7 +98,7 @@ def chunk_delta_rule(
             if -float(bc[..., -1].detach().min()) <= SAFE_SPAN:
                 bc = bc.to(cd)
             # exp(b_i - b_j) masked to j <= i, exp(b_i), exp(b_C - b_j); exponents <= 0
-            decay_qk = torch.where(mask, bc.unsqueeze(-1) - bc.unsqueeze(-2), float("-inf")).to(cd).exp()
+            decay_qk = exp_fast(torch.where(mask, bc.unsqueeze(-1) - bc.unsqueeze(-2), float("-inf")).to(cd))
             decay_q = bc.to(cd).exp().unsqueeze(-1)
             decay_k = (bc[..., -1:] - bc).to(cd).exp().unsqueeze(-1)
             k_in = kc * decay_q  # exp(b_t) k_t

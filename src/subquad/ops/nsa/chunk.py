@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from subquad.ops._common.chunking import state_dtype
+from subquad.ops._common.chunking import exp_fast, state_dtype
 
 
 def _expand(x, G):
@@ -164,7 +164,7 @@ def _selected_head(qh, kh, vh, idx, ok, pos, b, scale):
     g = torch.arange(G, device=qh.device)
     for blocks, t, s in parts:
         n, width = t.shape
-        e = s.sub_(M[t].view(n, width, 1, 1)).exp_()
+        e = exp_fast(s.sub_(M[t].view(n, width, 1, 1)))
         rows = (t.unsqueeze(-1) * G + g).reshape(-1)  # (query, head) rows
         num = num.index_add(0, rows, torch.bmm(e.view(n, width * G, b), vb[blocks]).view(-1, num.shape[-1]))
         den = den.index_add(0, rows, e.sum(-1).reshape(-1))
