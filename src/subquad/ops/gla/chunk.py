@@ -72,17 +72,17 @@ def intra_chunk_scores(qc: torch.Tensor, kc: torch.Tensor, bc: torch.Tensor, c: 
     r = torch.cat([torch.zeros_like(bs[..., :1, 0, :]), bs[..., :-1, -1, :]], -2)  # [.., m, K]
     # 2. earlier sub-chunks: (q_I * exp(b_I - r_I)) @ (k_j * exp(r_I - b_j))^T for j < I c
     dt = qc.dtype  # exponents may come in float64; the weights are formed in the compute dtype
-    q_hat = qs * (bs - r.unsqueeze(-2)).to(dt).exp()  # [.., m, c, K]
+    q_hat = qs * exp_fast((bs - r.unsqueeze(-2)).to(dt))  # [.., m, c, K]
     earlier = torch.arange(C, device=dev)[None, :] < (torch.arange(m, device=dev)[:, None] * c)  # [m, C]
     # [.., m, C, K]: key j rescaled for query sub-chunk I, zero where j is not earlier
     expo = (r.unsqueeze(-2) - bc.unsqueeze(-3)).masked_fill(~earlier[..., None], float("-inf"))
-    k_hat = kc.unsqueeze(-3) * expo.to(dt).exp()
+    k_hat = kc.unsqueeze(-3) * exp_fast(expo.to(dt))
     scores = torch.matmul(q_hat, k_hat.transpose(-1, -2))  # [.., m, c, C]
     # 3. inside each sub-chunk: the weights formed directly, j <= i
     expo = (bs.unsqueeze(-2) - bs.unsqueeze(-3)).masked_fill(
         ~causal_mask(c, dev)[..., None], float("-inf")
     )  # [.., m, c, c, K]
-    diag = (qs.unsqueeze(-2) * ks.unsqueeze(-3) * expo.to(dt).exp()).sum(-1)  # [.., m, c, c]
+    diag = (qs.unsqueeze(-2) * ks.unsqueeze(-3) * exp_fast(expo.to(dt))).sum(-1)  # [.., m, c, c]
     # 4. place the diagonal blocks: column block I of row block I
     eye = torch.eye(m, dtype=qc.dtype, device=dev)
     scores = scores.reshape(*lead, m, c, m, c) + diag.unsqueeze(-2) * eye[:, None, :, None]

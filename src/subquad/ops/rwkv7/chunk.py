@@ -37,6 +37,7 @@ from subquad.ops._common.chunking import (
     batched_kv,
     batched_qk,
     causal_mask,
+    exp_fast,
     pad_time,
     segment_length,
     state_dtype,
@@ -49,16 +50,16 @@ def _pair_matrices(G, Gp, r, a, b, k, cd, incl, strict):
     span = -float(G[..., -1, :].detach().min()) if G.numel() else 0.0
     if span <= SAFE_SPAN:
         m = G[..., -1:, :] / 2  # per-dimension midpoint of each chunk's decay
-        up = (m - G).to(cd).exp()  # exp(m - G_s), for the key side
-        r_f = r * (G - m).to(cd).exp()
-        a_f = a * (Gp - m).to(cd).exp()
+        up = exp_fast((m - G).to(cd))  # exp(m - G_s), for the key side
+        r_f = r * exp_fast((G - m).to(cd))
+        a_f = a * exp_fast((Gp - m).to(cd))
         b_f, k_f = b * up, k * up
         L_ab, L_ak = batched_qk(a_f, b_f) * strict, batched_qk(a_f, k_f) * strict
         L_rb, L_rk = batched_qk(r_f, b_f) * incl, batched_qk(r_f, k_f) * incl
         return L_ab, L_ak, L_rb, L_rk
     # strong decay: exp(G_t - G_s) per dimension, masked before the exponential (no overflow)
-    inc = torch.where(incl[..., None], G.unsqueeze(-2) - G.unsqueeze(-3), float("-inf")).to(cd).exp()
-    exc = torch.where(strict[..., None], Gp.unsqueeze(-2) - G.unsqueeze(-3), float("-inf")).to(cd).exp()
+    inc = exp_fast(torch.where(incl[..., None], G.unsqueeze(-2) - G.unsqueeze(-3), float("-inf")).to(cd))
+    exc = exp_fast(torch.where(strict[..., None], Gp.unsqueeze(-2) - G.unsqueeze(-3), float("-inf")).to(cd))
     # [.., C_t, C_s, K]: contract over K with the query-side and key-side vectors
     L_ab = torch.einsum("...tk,...tsk,...sk->...ts", a, exc, b)
     L_ak = torch.einsum("...tk,...tsk,...sk->...ts", a, exc, k)
@@ -99,7 +100,7 @@ def chunk_rwkv7(r, w, k, v, a, b, scale, initial_state, output_final_state, chun
         Wy = torch.matmul(inv, ac * Gp.to(cd).exp())  # [B, H, n, C, K]
         Uy = torch.matmul(inv, torch.matmul(L_ak, vc))  # [B, H, n, C, V]
         # 3. the affine chunk update and the sequential pass
-        to_end = (G[..., -1:, :] - G).to(cd).exp()  # Gam_C / Gam_s, <= 1
+        to_end = exp_fast((G[..., -1:, :] - G).to(cd))  # Gam_C / Gam_s, <= 1
         b_end, k_end = bc * to_end, kc * to_end
         M = torch.diag_embed(G[..., -1, :].to(cd).exp()) + batched_kv(b_end, Wy)
         Nm = batched_kv(b_end, Uy) + batched_kv(k_end, vc)

@@ -30,6 +30,7 @@ from subquad.ops._common.chunking import (
     batched_kv,
     batched_qk,
     causal_mask,
+    exp_fast,
     pad_time,
     segment_length,
     state_dtype,
@@ -52,7 +53,7 @@ def _decay_factors(bc: torch.Tensor, mask: torch.Tensor, log_scale: float, dtype
     last = bc[..., -1]  # [.., n] decay over each chunk
     # 1. intra-chunk: scale * exp(b_i - b_j) for j <= i; the scale rides in the exponent
     diff = bc.unsqueeze(-1) - bc.unsqueeze(-2) + log_scale
-    decay_qk = torch.where(mask, diff, float("-inf")).to(dtype).exp()
+    decay_qk = exp_fast(torch.where(mask, diff, float("-inf")).to(dtype))
     decay_q = (bc + log_scale).to(dtype).exp().unsqueeze(-1)
     decay_k = (last.unsqueeze(-1) - bc).to(dtype).exp().unsqueeze(-1)
     # 2. inter-chunk: G inclusive, E exclusive cumulative decay over the segment's chunks
@@ -60,7 +61,7 @@ def _decay_factors(bc: torch.Tensor, mask: torch.Tensor, log_scale: float, dtype
     E = G - last
     rows = torch.cat([E, G[..., -1:]], -1)  # [.., n + 1]: chunk starts, then the segment end
     allowed = causal_mask(n + 1, bc.device, strict=True)[:, :n]
-    w = torch.where(allowed, rows.unsqueeze(-1) - G.unsqueeze(-2), float("-inf")).to(dtype).exp()
+    w = exp_fast(torch.where(allowed, rows.unsqueeze(-1) - G.unsqueeze(-2), float("-inf")).to(dtype))
     return decay_qk, decay_q, decay_k, w, E.to(dtype).exp().unsqueeze(-1), G[..., -1:].to(dtype).exp()
 
 
@@ -89,7 +90,7 @@ def _factored_factors(bc: torch.Tensor, log_scale: float):
     rows = torch.cat([E + r, G[..., -1:]], -1)  # [.., n + 1]: chunk starts (times exp(r)), segment end
     cols = G - last + r  # [.., n]: -(G_c' - b_C,c' + r_c')
     allowed = causal_mask(n + 1, bc.device, strict=True)[:, :n]
-    w = torch.where(allowed, rows.unsqueeze(-1) - cols.unsqueeze(-2), float("-inf")).exp()
+    w = exp_fast(torch.where(allowed, rows.unsqueeze(-1) - cols.unsqueeze(-2), float("-inf")))
     return e_q, e_k, w, (E + r).exp().unsqueeze(-1), G[..., -1:].exp()
 
 

@@ -36,6 +36,7 @@ from subquad.ops._common.chunking import (
     batched_kv,
     batched_qk,
     causal_mask,
+    exp_fast,
     segment_length,
     state_dtype,
     to_chunks,
@@ -44,7 +45,7 @@ from subquad.ops._common.chunking import (
 
 def _decay_matrix(X: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``L[t, r] = exp(X_t - X_r)`` for r <= t, else 0, from float64 cumulative sums ``X [.., C]``."""
-    return torch.where(mask, X.unsqueeze(-1) - X.unsqueeze(-2), float("-inf")).to(dtype).exp()
+    return exp_fast(torch.where(mask, X.unsqueeze(-1) - X.unsqueeze(-2), float("-inf")).to(dtype))
 
 
 def _chunks(q, k, v, theta, g, gm, C, scale, X):
