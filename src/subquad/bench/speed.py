@@ -4,7 +4,9 @@ Shape legend: B batch, T time, H heads, D head dim (K = V = D).
 
 For each T, causal ``scaled_dot_product_attention`` and each (op, variant, mode) of the registry
 are timed forward (under ``no_grad``) and forward+backward (``autograd.grad`` of ``(o * do).sum()``
-w.r.t. every input): median over repeats after a warmup. Each row also gets tokens/s, achieved
+w.r.t. every input): median over repeats after a warmup, the lengths of one case timed in
+interleaved rounds (a slow spell of a shared machine then hits every T alike, so the per-token
+ratios across T hold steadier). Each row also gets tokens/s, achieved
 GFLOP/s (the op's ``OpSpec`` FLOP count; forward+backward counted as 3x forward, the usual
 convention; SDPA causal counted as ``2 B H T^2 D``, half of full attention) as a fraction of the
 machine's measured matmul peak, and the peak memory of one call above what was held before it.
@@ -114,25 +116,35 @@ def quick_config(**overrides) -> SpeedConfig:
     return SpeedConfig(**{"seq_lens": (1024, 4096), "repeats": 3, **overrides})
 
 
-def _time(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, int]:
-    """Median seconds of ``fn`` over repeats after one warmup; slow calls get fewer repeats."""
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    first = time.perf_counter() - t0
-    if first > 4 * SLOW_CALL_S:
-        repeats = 1
-    elif first > SLOW_CALL_S:
-        repeats = min(repeats, 3)
-    times = []
-    for _ in range(repeats):
+def _time_interleaved(fns: dict, repeats: int, device: torch.device) -> dict:
+    """``{key: (median seconds, repeats)}`` of every callable in ``fns``, timed in rounds: one warmup
+    each, then each round times every callable once, in turn. On a shared machine a slow spell
+    then lands on all of them alike instead of on whichever happened to run during it, so ratios
+    between them (per-token time across T) hold steadier. A callable whose warmup took longer than
+    SLOW_CALL_S gets 3 repeats (1 past 4x) instead of ``repeats``."""
+    budget, times = {}, {}
+    for key, fn in fns.items():
         synchronize(device)
         t0 = time.perf_counter()
         fn()
         synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), repeats
+        first = time.perf_counter() - t0
+        budget[key] = 1 if first > 4 * SLOW_CALL_S else min(repeats, 3) if first > SLOW_CALL_S else repeats
+        times[key] = []
+    for _ in range(max(budget.values(), default=0)):
+        for key, fn in fns.items():
+            if len(times[key]) < budget[key]:
+                synchronize(device)
+                t0 = time.perf_counter()
+                fn()
+                synchronize(device)
+                times[key].append(time.perf_counter() - t0)
+    return {key: (statistics.median(times[key]), budget[key]) for key in fns}
+
+
+def _time(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, int]:
+    """Median seconds of one callable over repeats after a warmup (see ``_time_interleaved``)."""
+    return _time_interleaved({0: fn}, repeats, device)[0]
 
 
 def _backward_fn(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], object]:
@@ -196,33 +208,34 @@ def run_speed(cfg: SpeedConfig, progress: bool = True) -> dict:
     rows: list[dict] = []
     total = len(cfg.seq_lens) * (len(cases) + 1)
     bar = tqdm(total=total, desc="bench speed", disable=not progress, unit="case")
-    for T in cfg.seq_lens:
-        # 1. the baseline: causal SDPA on [B, H, T, D]
-        bar.set_postfix_str(f"T={T} sdpa")
-        row = {"name": "sdpa", "variant": "causal", "mode": "sdpa", "T": T}
-        if T > cfg.sdpa_max_len:
-            row["skipped"] = f"T > sdpa-max-len ({cfg.sdpa_max_len}): quadratic cost"
-        else:
-            gen = torch.Generator().manual_seed(0)
-            qkv = [torch.randn(B, H, T, D, generator=gen).to(device=device, dtype=dtype) for _ in range(3)]
-            flops = 2 * B * H * T * T * D
+    # case by case (SDPA first), each timed at all its lengths in interleaved rounds; rows are
+    # listed by T afterwards
+    for spec, var, mode in [(None, None, "sdpa"), *cases]:
+        name = "sdpa" if spec is None else spec.name
+        bar.set_postfix_str(f"{name}/{mode}")
+        runs = []  # (row, fn, leaves, flops, backward)
+        for T in cfg.seq_lens:
+            if spec is None:
+                row = {"name": "sdpa", "variant": "causal", "mode": "sdpa", "T": T}
+                if T > cfg.sdpa_max_len:
+                    row["skipped"] = f"T > sdpa-max-len ({cfg.sdpa_max_len}): quadratic cost"
+                    rows.append(row)
+                    continue
+                gen = torch.Generator().manual_seed(0)
+                qkv = [
+                    torch.randn(B, H, T, D, generator=gen).to(device=device, dtype=dtype) for _ in range(3)
+                ]
 
-            def sdpa(qkv=qkv):
-                return F.scaled_dot_product_attention(*qkv, is_causal=True)
+                def sdpa(qkv=qkv):
+                    return F.scaled_dot_product_attention(*qkv, is_causal=True)
 
-            _measure(row, sdpa, qkv, flops, cfg, device, probe, peak, backward=cfg.backward)
-            del qkv
-        rows.append(row)
-        bar.update(1)
-        # 2. every op and mode
-        for spec, var, mode in cases:
-            bar.set_postfix_str(f"T={T} {spec.name}/{mode}")
+                runs.append((row, sdpa, qkv, 2 * B * H * T * T * D, cfg.backward))
+                continue
             row = {"name": spec.name, "variant": var.name, "mode": mode, "T": T}
             fwd_limit, fwd_flag = _limit(cfg, mode, backward=False)
             if T > fwd_limit:
                 row["skipped"] = f"T > {fwd_flag} ({fwd_limit}): per-step loop"
                 rows.append(row)
-                bar.update(1)
                 continue
             inputs = spec.make_inputs(var, B=B, T=T, H=H, K=D, V=D, dtype=dtype, device=device, seed=0)
             chunk = cfg.chunk_size or _default_chunk_size(spec)
@@ -236,12 +249,15 @@ def run_speed(cfg: SpeedConfig, progress: bool = True) -> dict:
 
             bwd_limit, bwd_flag = _limit(cfg, mode, backward=True)
             do_bwd = cfg.backward and T <= bwd_limit
-            _measure(row, op, list(inputs.values()), flops, cfg, device, probe, peak, backward=do_bwd)
             if cfg.backward and not do_bwd:
                 row["backward_skipped"] = f"T > {bwd_flag} ({bwd_limit}): autograd keeps a state per step"
-            rows.append(row)
-            del inputs
-            bar.update(1)
+            runs.append((row, op, list(inputs.values()), flops, do_bwd))
+        _measure_all(runs, cfg, device, probe, peak)
+        rows.extend(run[0] for run in runs)
+        bar.update(len(cfg.seq_lens))
+        del runs
+    order = {T: i for i, T in enumerate(cfg.seq_lens)}
+    rows.sort(key=lambda r: order[r["T"]])  # stable: SDPA, then the cases in their order, per T
     bar.close()
     # measured again at the end: the larger of the two is the denominator of every fraction, so a
     # slow spell at the start cannot inflate them
@@ -282,39 +298,52 @@ def run_speed(cfg: SpeedConfig, progress: bool = True) -> dict:
     return result
 
 
-def _measure(row, fn, leaves, flops, cfg, device, probe, peak, *, backward: bool) -> None:
-    T = row["T"]
-    tokens = cfg.batch * T
-    for x in leaves:
-        x.requires_grad_(backward)  # no graph is built under no_grad, so forward timing is unaffected
+def _measure_all(runs, cfg, device, probe, peak) -> None:
+    """Fill each ``(row, fn, leaves, flops, backward)`` of one case (its lengths): forward times
+    under ``no_grad`` and forward+backward times, each interleaved over the lengths, then the peak
+    memory of one call of each."""
+    for _, _, leaves, _, _ in runs:
+        for x in leaves:
+            x.requires_grad_(False)
     with torch.no_grad():
-        t_fwd, reps = _time(fn, cfg.repeats, device)
-        row["fwd_mem_bytes"] = measure_peak(fn, probe)
-    row.update(
-        fwd_s=t_fwd,
-        fwd_repeats=reps,
-        fwd_tokens_per_s=tokens / t_fwd,
-        fwd_us_per_token=1e6 * t_fwd / tokens,
-        fwd_gflops=flops / t_fwd / 1e9,
-        fwd_peak_fraction=flops / t_fwd / 1e9 / peak,
-    )
-    if backward:
-        bwd = _backward_fn(fn, leaves)
-        t_bwd, reps = _time(bwd, cfg.repeats, device)
+        fwd = _time_interleaved({i: run[1] for i, run in enumerate(runs)}, cfg.repeats, device)
+        for i, (row, fn, _, flops, _) in enumerate(runs):
+            t_fwd, reps = fwd[i]
+            tokens = cfg.batch * row["T"]
+            row.update(
+                fwd_s=t_fwd,
+                fwd_repeats=reps,
+                fwd_tokens_per_s=tokens / t_fwd,
+                fwd_us_per_token=1e6 * t_fwd / tokens,
+                fwd_gflops=flops / t_fwd / 1e9,
+                fwd_peak_fraction=flops / t_fwd / 1e9 / peak,
+                fwd_mem_bytes=measure_peak(fn, probe),
+            )
+    with_bwd = [i for i, run in enumerate(runs) if run[4]]
+    for i in with_bwd:
+        for x in runs[i][2]:
+            x.requires_grad_(True)  # no graph is built under no_grad, so forward timing was unaffected
+    bwd_fns = {i: _backward_fn(runs[i][1], runs[i][2]) for i in with_bwd}
+    bwd = _time_interleaved(bwd_fns, cfg.repeats, device)
+    for i in with_bwd:
+        row, flops = runs[i][0], runs[i][3]
+        t_bwd, reps = bwd[i]
         row.update(
             fwdbwd_s=t_bwd,
             fwdbwd_repeats=reps,
-            fwdbwd_tokens_per_s=tokens / t_bwd,
+            fwdbwd_tokens_per_s=cfg.batch * row["T"] / t_bwd,
             fwdbwd_gflops=3 * flops / t_bwd / 1e9,
             fwdbwd_peak_fraction=3 * flops / t_bwd / 1e9 / peak,
-            fwdbwd_mem_bytes=measure_peak(bwd, probe),
+            fwdbwd_mem_bytes=measure_peak(bwd_fns[i], probe),
         )
-        for x in leaves:
+        for x in runs[i][2]:
             x.requires_grad_(False)
-    if row.get("fwd_mem_bytes") is not None:
-        row["fwd_bytes_per_token"] = row["fwd_mem_bytes"] / tokens
-    if row.get("fwdbwd_mem_bytes") is not None:
-        row["fwdbwd_bytes_per_token"] = row["fwdbwd_mem_bytes"] / tokens
+    for row, *_ in runs:
+        tokens = cfg.batch * row["T"]
+        if row.get("fwd_mem_bytes") is not None:
+            row["fwd_bytes_per_token"] = row["fwd_mem_bytes"] / tokens
+        if row.get("fwdbwd_mem_bytes") is not None:
+            row["fwdbwd_bytes_per_token"] = row["fwdbwd_mem_bytes"] / tokens
 
 
 def _ratios(rows: list[dict]) -> None:
