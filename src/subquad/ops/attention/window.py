@@ -236,13 +236,12 @@ class _SpanAttention(torch.autograd.Function):
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-# query block of the fused path. At window 512, T = 16K on a 2-core Intel Xeon VM (B = 1, H = 8,
-# D = 64): forward 0.18 s at 64, 0.20 at 128, 0.18 at 256; backward 0.46-0.61 s at 64, 0.48-0.55
-# at 128, 0.41-0.47 at 256, 0.65 at 384 (spans of P + b + R keys: larger blocks make fewer,
-# longer kernel rows and waste more masked keys)
+# query block of the fused forward. At window 512, T = 16K on a 2-core Intel Xeon VM (B = 1,
+# H = 8, D = 64): 0.18 s at 64, 0.20 at 128, 0.18 at 256 (spans of P + b + R keys: larger blocks
+# make fewer, longer kernel rows and waste more masked keys); on an AMD EPYC VM 64-256 were all
+# within 3% (0.25-0.26 s). 256 was also best for the kernel's backward, which is no longer used
 FLASH_BLOCK = 256
-# values per span tensor in one kernel call (4 MB in float32; see _BandPlan.groups). Measured with
-# the numbers above: 1 << 20 gave a 3-6% faster backward than 1 << 22 (fewer page faults)
+# values per span tensor in one kernel call (4 MB in float32; see _BandPlan.groups)
 GROUP_ELEMENTS = 1 << 20
 
 
@@ -326,7 +325,6 @@ class _BandPlan:
             self.edge_mask = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, -math.inf)
             self.edge_q = i.flatten()  # [nE * b]
             self.edge_k = j.clamp(0, T - 1).flatten()  # [nE * L]
-            self.edge_real = (e * b + torch.arange(b, device=device)).flatten() < T
             self.edge_mask = self.edge_mask.unsqueeze(1)  # [nE, 1, b, L]: shared by the heads
 
     @property
@@ -356,21 +354,12 @@ class _BandPlan:
 
     def groups(self, H, D):
         """Interior blocks in groups ``(g0, g1)`` whose span tensors ``[g, H, L, D]`` hold about
-        GROUP_ELEMENTS values: the kernel allocates (and its backward zero-fills) buffers of that
-        size per call, and small ones are recycled by the allocator instead of page-faulted anew."""
+        GROUP_ELEMENTS values: the kernel allocates buffers of that size per call, and small ones
+        are recycled by the allocator instead of page-faulted anew."""
         if self.n == 0:
             return []
         g = max(1, GROUP_ELEMENTS // (H * self.L * D))
         return [(g0, min(g0 + g, self.n)) for g0 in range(0, self.n, g)]
-
-    def scatter_spans(self, g, out, g0):
-        """Add the span gradients ``g [n_g, H, L, D]`` of interior blocks ``first + g0 ..`` into
-        ``out [nb * b, H, D]``: a span is ``L / b`` whole blocks, so one shifted add per block."""
-        b, n = self.b, g.shape[0]
-        blocks = out.view(self.nb, b, *out.shape[1:]).transpose(1, 2)  # [nb, H, b, D]
-        for j in range(self.L // b):
-            I0 = self.first + g0 - self.P // b + j
-            blocks[I0 : I0 + n].add_(g[:, :, j * b : (j + 1) * b])
 
 
 def _flash_forward(q, k, v, plan, scale):

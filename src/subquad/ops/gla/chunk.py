@@ -168,7 +168,8 @@ def chunk_gla(
                 S = torch.addcmul(U[:, :, i], chunk_decay[:, :, i], S)
             S_prev = torch.stack(states, 2) * read  # [B, H, n, K, V]
         else:
-            # without autograd each step writes straight into one buffer (no stack copy)
+            # without autograd each step writes straight into one buffer (no stack copy): gla at
+            # 16K took 0.87-0.88x of the previous time with it, 0.94-0.95x with the stack (A/B)
             buf = U.new_empty(B, H, n + 1, K, V)
             buf[:, :, 0] = S
             for i in range(n):

@@ -166,11 +166,9 @@ def chunk_scalar_decay(
         e = min(s + L, Tp)
         n = (e - s) // C
         q_s, k_s, v_s, g_s = (p[seg] for p in pieces)
-        # 1. this segment's chunks, contiguous [B, H, n, C, D] in the compute dtype (q and k stay
-        # strided views where a decay multiply below writes the contiguous copy)
+        # 1. this segment's chunks, contiguous [B, H, n, C, D] in the compute dtype (in 2b the decay
+        # multiply writes the chunk layout of q and k itself)
         vc = to_chunks(v_s, C, cd)
-        qv, kv = (x.view(B, n, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q_s, k_s))
-        qc = kc = None
         if not decayed:
             qc, kc = (to_chunks(x, C, cd) for x in (q_s, k_s))
             # 2a. no decay: masked scores; W is all ones below the diagonal (a cumulative sum)
@@ -193,6 +191,7 @@ def chunk_scalar_decay(
                 e_q, e_k, w, to_start, whole = (x.to(cd) for x in _factored_factors(bc, log_scale))
                 # the factor first: a broadcast product takes its layout, so the result is the
                 # contiguous chunk layout and the strided q and k are read once (no separate copy)
+                qv, kv = (x.view(B, n, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q_s, k_s))
                 qc = torch.mul(e_q, qv)
                 kc = torch.mul(e_k, kv)
                 scores = batched_qk(qc, kc).mul_(mask)
