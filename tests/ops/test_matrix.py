@@ -168,3 +168,26 @@ def test_extreme_gates(spec, var, mode, gates, device):
     got32 = run_with_grads(spec, var, inputs32, state32, mode=mode, chunk_size=64)
     ref32 = _reference_on(inputs32, state32, spec, var, torch.float32)
     _compare(got32, ref32, torch.float32, f"{spec.name}/{var.name}/{mode} float32 gates={gates}")
+
+
+@pytest.mark.parametrize(("spec", "var", "mode"), MODE_CASES)
+def test_many_segments_with_and_without_autograd(spec, var, mode, device, monkeypatch):
+    """Chunked forms work segment by segment (about SEGMENT_ELEMENTS per tensor), which at test
+    sizes is one segment; shrinking it to one chunk per segment runs the state carry between
+    segments, and the forward without autograd (which several ops run through preallocated,
+    in-place buffers) must give the same float64 results as the one with it."""
+    import subquad.ops._common.chunking as chunking
+
+    monkeypatch.setattr(chunking, "SEGMENT_ELEMENTS", 1)
+    dims = dict(B=2, T=70, H=2, K=8, V=6, dtype=torch.float64, device=device, seed=5)
+    inputs, state = differentiable_inputs(spec, var, **dims)
+    ref = run_with_grads(spec, var, inputs, state, mode="reference")
+    got = run_with_grads(spec, var, inputs, state, mode=mode, chunk_size=16)
+    _compare(got, ref, torch.float64, f"{spec.name}/{var.name}/{mode} one chunk per segment")
+    with torch.no_grad():
+        o, final = spec.call(
+            inputs, var, mode=mode, initial_state=state, output_final_state=True, chunk_size=16
+        )
+    assert_close(o, ref["o"], torch.float64, name="output without autograd")
+    if final is not None:
+        assert_close(final, ref["final_state"], torch.float64, name="final state without autograd")
