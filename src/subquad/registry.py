@@ -10,6 +10,7 @@ test matrix, ``subquad list`` and ``subquad bench speed`` then cover it.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -104,6 +105,9 @@ class OpSpec:
             is not per head and per token.
         fixed_dims: sizes of op-specific dim letters used in ``tensors`` or ``state`` beyond
             B, T, H, K, V, N (e.g. ``{"M": 4}`` memories), fixed for tests and benchmarks.
+        forward_chunk_size: for an op whose ``chunk_size`` defaults to None (the op picks it per
+            call), the size a forward without autograd picks; the speed benchmark counts that
+            forward's FLOPs with it.
     """
 
     name: str
@@ -120,6 +124,7 @@ class OpSpec:
     prepare: Callable[[dict[str, torch.Tensor], torch.Generator], dict[str, torch.Tensor]] | None = None
     flops: Callable[[str, Mapping[str, int]], int] | None = None
     fixed_dims: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    forward_chunk_size: int | None = None
 
     @property
     def stateful(self) -> bool:
@@ -359,6 +364,8 @@ def _delta_flops(mode: str, K: int, V: int, C: int) -> int:
     return 6 * K * V
 
 
+DELTA_FORWARD_CHUNK = importlib.import_module("subquad.ops.delta_rule").CHUNK_SIZE_FORWARD
+
 DELTA_TENSORS = {
     "q": TensorSpec(dims=("B", "T", "H", "K"), kind="qk"),
     "k": TensorSpec(dims=("B", "T", "H", "K"), kind="unit"),
@@ -390,6 +397,7 @@ register(
         url="https://arxiv.org/abs/2406.06484",
         summary="S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T; o_t = scale * S_t^T q_t",
         flops_per_token=_delta_flops,
+        forward_chunk_size=DELTA_FORWARD_CHUNK,
     )
 )
 
@@ -409,6 +417,7 @@ register(
         url="https://arxiv.org/abs/2412.06464",
         summary="S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T; o_t = scale * S_t^T q_t",
         flops_per_token=_delta_flops,
+        forward_chunk_size=DELTA_FORWARD_CHUNK,
     )
 )
 
@@ -457,6 +466,7 @@ register(
         "o_t = sum_m w_tm o^m_t",
         # the default variant: each token takes top_k = 2 gated-delta-rule steps
         flops_per_token=lambda mode, K, V, C: 2 * _delta_flops(mode, K, V, C),
+        forward_chunk_size=DELTA_FORWARD_CHUNK,  # the base op's
     )
 )
 

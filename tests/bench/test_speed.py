@@ -99,6 +99,10 @@ def test_each_op_is_timed_at_its_own_default_chunk_size():
     from subquad import ops
     from subquad.registry import get_op
 
-    for name in ("attention", "routing_attention", "gla"):
+    for name in ("attention", "routing_attention", "gla", "delta_rule", "mom"):
         expected = inspect.signature(getattr(ops, name)).parameters["chunk_size"].default
         assert _default_chunk_size(get_op(name)) == expected
+    # the delta rules (and MoM over them) pick their size per call, so the benchmark passes none
+    # (MoM's None had read as "no default" and was timed at 64)
+    assert _default_chunk_size(get_op("delta_rule")) is None
+    assert _default_chunk_size(get_op("mom")) is None

@@ -172,14 +172,15 @@ def _cases(cfg: SpeedConfig):
                     yield spec, var, mode
 
 
-def _default_chunk_size(spec) -> int:
+def _default_chunk_size(spec) -> int | None:
     """The chunk size a user gets by not passing one: the registry function's default, else that of
-    the public op it wraps (a wrapper taking ``**kwargs`` has none of its own), else 64."""
+    the public op it wraps (a wrapper taking ``**kwargs`` has none of its own), else 64. None when
+    that default is None: the op picks its size per call (e.g. by whether autograd records it)."""
     from subquad import ops
 
     for fn in (spec.fn, getattr(ops, spec.name, None)):
         param = inspect.signature(fn).parameters.get("chunk_size") if fn is not None else None
-        if param is not None and isinstance(param.default, int):
+        if param is not None and (isinstance(param.default, int) or param.default is None):
             return param.default
     return 64
 
@@ -238,10 +239,11 @@ def run_speed(cfg: SpeedConfig, progress: bool = True) -> dict:
                 rows.append(row)
                 continue
             inputs = spec.make_inputs(var, B=B, T=T, H=H, K=D, V=D, dtype=dtype, device=device, seed=0)
-            chunk = cfg.chunk_size or _default_chunk_size(spec)
-            flops = spec.total_flops(mode, B=B, T=T, H=H, K=D, V=D, chunk_size=chunk, variant=var)
+            chunk = cfg.chunk_size or _default_chunk_size(spec)  # None: the op picks per call
+            flops_chunk = chunk or spec.forward_chunk_size or 64
+            flops = spec.total_flops(mode, B=B, T=T, H=H, K=D, V=D, chunk_size=flops_chunk, variant=var)
             kw = {"mode": mode}
-            if mode == "chunk":
+            if mode == "chunk" and chunk is not None:
                 kw["chunk_size"] = chunk
 
             def op(inputs=inputs, spec=spec, var=var, kw=kw):

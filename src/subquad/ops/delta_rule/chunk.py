@@ -111,12 +111,13 @@ def chunk_delta_rule(
         T_beta = (A_inv * bt.transpose(-1, -2)).view(-1, C, C)  # A^{-1} diag(beta)
         U = torch.bmm(T_beta, vc.view(-1, C, V)).view(n, B, H, C, V)
         W = torch.bmm(T_beta, k_in.reshape(-1, C, K)).view(n, B, H, C, K)
-        scores = qk * decay_qk * scale  # masked: decay_qk is 0 above the diagonal
-        # 3. inter-chunk pass: Delta_c = U_c - W_c S, then S <- exp(b_C) S + K_out^T Delta_c
-        S_prev, Delta, S = _delta_state_pass(U, W, k_out, chunk_decay, S, grad)
-        # 4. output: the carried state read by the decayed queries, plus intra-chunk corrections
-        o = torch.bmm(scores.reshape(-1, C, C), Delta.reshape(-1, C, V))
-        o = o.baddbmm_(q_out.reshape(-1, C, K), S_prev.view(-1, K, V), alpha=scale)
+        # 3. inter-chunk pass: Delta_c = U_c - W_c S, then S <- exp(b_C) S + K_out^T Delta_c;
+        # it also reads the state entering each chunk by that chunk's decayed queries
+        Delta, QS, S = _delta_state_pass(U, W, k_out, q_out, chunk_decay, S, grad)
+        # 4. output: scale * (Q_out S + (tril(Q K^T) * D) Delta); decay_qk is 0 above the diagonal
+        o = QS.view(-1, C, V).baddbmm_(
+            (qk * decay_qk).view(-1, C, C), Delta.view(-1, C, V), beta=scale, alpha=scale
+        )
         outs.add_chunk_major(s, o.view(n, B, H, C, V))
     return outs.result(), (S if output_final_state else None)
 
@@ -125,6 +126,7 @@ def _delta_state_pass(
     U: torch.Tensor,
     W: torch.Tensor,
     k_out: torch.Tensor,
+    q_out: torch.Tensor,
     chunk_decay: torch.Tensor | None,
     S: torch.Tensor,
     grad: bool,
@@ -132,12 +134,13 @@ def _delta_state_pass(
     """The sequential pass over a segment's chunks (chunk-major ``[n, B, H, ...]`` operands).
 
     Per chunk: ``Delta = U - W S`` and ``S <- exp(b_C) S + K_out^T Delta``, two small gemms.
-    Returns the state entering each chunk ``[n, B, H, K, V]``, the corrections
-    ``[n, B, H, C, V]`` and the state leaving the segment ``[B, H, K, V]``.
+    Returns the corrections ``[n, B*H, C, V]``, ``Q_out S`` with ``S`` the state entering each
+    chunk ``[n, B*H, C, V]`` (unscaled), and the state leaving the segment ``[B, H, K, V]``.
     """
     n, B, H, C, V = U.shape
     K = W.shape[-1]
     Uc, Wc = U.view(n, B * H, C, V), W.view(n, B * H, C, K)
+    Qc = q_out.reshape(n, B * H, C, K)
     kT = k_out.reshape(n, B * H, C, K).transpose(-1, -2)  # [n, BH, K, C]
     dec = None if chunk_decay is None else chunk_decay.reshape(n, B * H, 1, 1)
     S3 = S.reshape(B * H, K, V)
@@ -148,17 +151,18 @@ def _delta_state_pass(
             d = torch.baddbmm(Uc[i], Wc[i], S3, alpha=-1)
             deltas.append(d)
             S3 = torch.baddbmm(S3 if dec is None else S3 * dec[i], kT[i], d)
-        S_prev = torch.stack(states).view(n, B, H, K, V)
-        Delta = torch.stack(deltas).view(n, B, H, C, V)
-        return S_prev, Delta, S3.view(B, H, K, V)
-    # without autograd each step updates its slot of two buffers in place: Delta starts as U, and
-    # the state entering chunk i + 1 starts as (the decayed) copy of the one entering chunk i
+        QS = torch.matmul(Qc, torch.stack(states))
+        return torch.stack(deltas), QS, S3.view(B, H, K, V)
+    # without autograd every step works in place: Delta starts as U, the state is one buffer, and
+    # each chunk's queries read the state while it is the one entering that chunk
     Delta = Uc.clone()
-    states = torch.empty(n + 1, B * H, K, V, dtype=S.dtype, device=S.device)
-    d_i, s_i, w_i, k_i = Delta.unbind(0), states.unbind(0), Wc.unbind(0), kT.unbind(0)
-    s_i[0].copy_(S3)
+    QS = torch.empty_like(Uc)
+    S3 = S3.clone()
+    d_i, qs_i, w_i, k_i, q_i = Delta.unbind(0), QS.unbind(0), Wc.unbind(0), kT.unbind(0), Qc.unbind(0)
     for i in range(n):
-        d_i[i].baddbmm_(w_i[i], s_i[i], alpha=-1)
-        nxt = s_i[i + 1].copy_(s_i[i]) if dec is None else torch.mul(s_i[i], dec[i], out=s_i[i + 1])
-        nxt.baddbmm_(k_i[i], d_i[i])
-    return states[:n].view(n, B, H, K, V), Delta.view(n, B, H, C, V), states[n].view(B, H, K, V)
+        torch.bmm(q_i[i], S3, out=qs_i[i])
+        d_i[i].baddbmm_(w_i[i], S3, alpha=-1)
+        if dec is not None:
+            S3.mul_(dec[i])
+        S3.baddbmm_(k_i[i], d_i[i])
+    return Delta, QS, S3.view(B, H, K, V)
