@@ -31,7 +31,7 @@ def rwkv7(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 16,
+    chunk_size: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RWKV-7 "Goose" (Peng et al. 2025, https://arxiv.org/abs/2503.14456).
 
@@ -47,7 +47,9 @@ def rwkv7(
         mode: ``"reference"``, ``"chunk"`` (UT transform of the low-rank reads) or ``"recurrent"``.
         scale: output scale, default 1 (RWKV-7 does not scale r).
         initial_state ``[N, H, K, V]``, output_final_state, cu_seqlens: as every op.
-        chunk_size: chunk length of the chunked form (16 by default).
+        chunk_size: chunk length of the chunked form. 32 by default: at B=1, H=8, K=V=64 on a
+            2-core AMD EPYC VM, 32 against 16 took 64 vs 77 ms forward at T 4K, 281 vs 364 ms at
+            16K, and 309 vs 405 ms forward+backward at 4K (64: 71 ms forward at 4K).
 
     Returns:
         ``(o [B, T, H, V], final_state [N, H, K, V] or None)``.
