@@ -147,3 +147,27 @@ def test_rwkv7_value_residual_reads_the_first_rwkv7_layer():
         block.mixer.value_residual = False
     with torch.no_grad():
         assert not torch.allclose(model(x).logits, off(x).logits)
+
+
+def test_a_mixer_can_have_its_own_head_count():
+    """``mixer_options[name]["num_heads"]`` (Zoology's one-head MQAR attention) sets that mixer's
+    heads, and its key/value heads with it; the other mixers keep the model's; cached decoding of
+    such a hybrid still equals the full forward."""
+    torch.manual_seed(0)
+    cfg = SubquadConfig(
+        vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, layer_pattern="GA",
+        mixer_options={"attention": {"num_heads": 1}},
+    )  # fmt: skip
+    model = SubquadForCausalLM(cfg).double().eval()
+    gla, att = (block.mixer for block in model.model.layers)
+    assert (gla.num_heads, att.num_heads, att.head_dim) == (4, 1, 32)
+    x = ids(1, 8)
+    with torch.no_grad():
+        cache = model.new_cache()
+        steps = [model(x[:, :5], cache=cache).logits]
+        steps += [model(x[:, t : t + 1], cache=cache).logits for t in range(5, 8)]
+        assert_close(torch.cat(steps, 1), model(x).logits, torch.float64, name="one-head attention, cached")
+    bad = SubquadConfig(vocab_size=V, hidden_size=32, num_layers=1, layer_pattern="A",
+                        mixer_options={"attention": {"num_heads": 3}})  # fmt: skip
+    with pytest.raises(ValueError, match=r"mixer_options\['attention'\]\['num_heads'\]"):
+        SubquadForCausalLM(bad)

@@ -50,7 +50,9 @@ class SubquadConfig(PretrainedConfig):
         layer_pattern: see the module docstring.
         window: the sliding window of ``swa`` layers.
         mixer_options: per mixer name, options passed to its constructor (e.g.
-            ``{"linear_attn": {"feature_map": "relu"}}``).
+            ``{"linear_attn": {"feature_map": "relu"}}``); ``num_heads`` there gives that mixer its
+            own head count (its head dim then ``hidden_size // num_heads``; for attention layers
+            ``num_kv_heads`` defaults to it), e.g. Zoology's one-head attention on MQAR.
         intermediate_size: SwiGLU hidden width (default ``8/3 * hidden_size`` rounded up to 64).
         rms_norm_eps, initializer_range, tie_word_embeddings: as usual.
     """
@@ -103,10 +105,17 @@ class SubquadConfig(PretrainedConfig):
         return self.num_layers
 
     def mixer_kwargs(self, name: str) -> dict[str, Any]:
-        """Constructor options of the mixer ``name`` in this model."""
-        opts: dict[str, Any] = {}
+        """Constructor options of the mixer ``name`` in this model, ``num_heads`` included."""
+        own = self.mixer_options.get(name, {})
+        heads = own.get("num_heads", self.num_heads)
+        if not isinstance(heads, int) or heads < 1 or self.hidden_size % heads:
+            raise ValueError(
+                f"mixer_options[{name!r}]['num_heads'] must be a positive int dividing "
+                f"hidden_size={self.hidden_size}, got {heads!r}"
+            )
+        opts: dict[str, Any] = {"num_heads": heads}
         if name in ("attention", "swa"):
-            opts["num_kv_heads"] = self.num_kv_heads
+            opts["num_kv_heads"] = self.num_kv_heads if "num_heads" not in own else heads
         if name == "swa":
             opts["window"] = self.window
-        return {**opts, **self.mixer_options.get(name, {})}
+        return {**opts, **own}

@@ -39,9 +39,8 @@ class Block(nn.Module):
         super().__init__()
         self.mixer_name = mixer_name
         self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mixer = make_mixer(
-            mixer_name, config.hidden_size, config.num_heads, **config.mixer_kwargs(mixer_name)
-        )
+        kwargs = config.mixer_kwargs(mixer_name)
+        self.mixer = make_mixer(mixer_name, config.hidden_size, kwargs.pop("num_heads"), **kwargs)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
