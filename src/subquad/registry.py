@@ -10,7 +10,6 @@ test matrix, ``subquad list`` and ``subquad bench speed`` then cover it.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from subquad import ops
+from subquad.ops.delta_rule import CHUNK_SIZE_FORWARD
 
 # Gate regimes the input builders know: typical values, log-gates near 0 (almost no decay)
 # and very negative log-gates (strong decay, the overflow trap of chunked forms).
@@ -364,8 +364,6 @@ def _delta_flops(mode: str, K: int, V: int, C: int) -> int:
     return 6 * K * V
 
 
-DELTA_FORWARD_CHUNK = importlib.import_module("subquad.ops.delta_rule").CHUNK_SIZE_FORWARD
-
 DELTA_TENSORS = {
     "q": TensorSpec(dims=("B", "T", "H", "K"), kind="qk"),
     "k": TensorSpec(dims=("B", "T", "H", "K"), kind="unit"),
@@ -397,7 +395,7 @@ register(
         url="https://arxiv.org/abs/2406.06484",
         summary="S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T; o_t = scale * S_t^T q_t",
         flops_per_token=_delta_flops,
-        forward_chunk_size=DELTA_FORWARD_CHUNK,
+        forward_chunk_size=CHUNK_SIZE_FORWARD,
     )
 )
 
@@ -417,7 +415,7 @@ register(
         url="https://arxiv.org/abs/2412.06464",
         summary="S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T; o_t = scale * S_t^T q_t",
         flops_per_token=_delta_flops,
-        forward_chunk_size=DELTA_FORWARD_CHUNK,
+        forward_chunk_size=CHUNK_SIZE_FORWARD,
     )
 )
 
@@ -466,7 +464,7 @@ register(
         "o_t = sum_m w_tm o^m_t",
         # the default variant: each token takes top_k = 2 gated-delta-rule steps
         flops_per_token=lambda mode, K, V, C: 2 * _delta_flops(mode, K, V, C),
-        forward_chunk_size=DELTA_FORWARD_CHUNK,  # the base op's
+        forward_chunk_size=CHUNK_SIZE_FORWARD,  # the base op's
     )
 )
 

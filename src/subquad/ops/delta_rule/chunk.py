@@ -20,9 +20,9 @@ triangular solve for every chunk of a segment, independent of S. Then
     O  = scale * [ (Q * exp(b)) S + (tril(Q K^T) * D) Delta ]
     S' = exp(b_C) S + (K * exp(b_C - b))^T Delta
 
-The sequential part is two small gemms per chunk, ``Delta = U - W S`` then
-``S' = exp(b_C) S + K_out^T Delta`` with ``K_out = K * exp(b_C - b)``; everything else is batched
-over the chunks of a segment. (Folding the pass into one ``[K, K] x [K, V]`` gemm per chunk,
+The sequential part is small gemms per chunk: ``Delta = U - W S``, the queries' read ``Q_out S``,
+then ``S' = exp(b_C) S + K_out^T Delta`` with ``K_out = K * exp(b_C - b)``; everything else is
+batched over the chunks of a segment. (Folding the pass into one ``[K, K] x [K, V]`` gemm per chunk,
 ``S' = (exp(b_C) I - K_out^T W) S + K_out^T U``, costs two more batched ``K x C x K`` products and a
 ``[K, K]`` factor per chunk, and measured 1.3x slower in total at T 4K.)
 Every exponent is <= 0; decays are formed as in ``simple_gla`` (float64
