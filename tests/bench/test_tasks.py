@@ -63,7 +63,7 @@ def test_first_seed_sweep_trains_other_seeds_at_the_winning_lr():
     runs = [(r["seed"], r["lr"]) for r in result["runs"]]
     assert runs[:2] == [(0, 1e-4), (0, 3e-2)] and len(runs) == 4  # 2 lrs on seed 0, then seeds 1, 2
     swept = [r for r in result["runs"] if r["seed"] == 0]
-    winner = max(swept, key=lambda r: (r["accuracy"], -(r["steps_to_threshold"] or 7)))["lr"]
+    winner = max(swept, key=lambda r: _rank(r, cfg))["lr"]
     assert runs[2:] == [(1, winner), (2, winner)]
     assert sorted(r["seed"] for r in result["best"]) == [0, 1, 2]
     every = run_task_bench(tiny(mixers=("gla",), lrs=(1e-4, 3e-2), seeds=(0, 1)), progress=False)
@@ -103,3 +103,13 @@ def test_rank_uses_every_split_when_every_split_must_pass():
     b = {"accuracy": 1.0, "best": {"test": 1.0, "test_seq_len64": 0.98}, "steps_to_threshold": 300}
     assert _rank(b, tiny(stop_when="all")) > _rank(a, tiny(stop_when="all"))
     assert _rank(a, tiny()) > _rank(b, tiny())  # in-distribution only: a is as accurate and faster
+
+
+def test_rank_prefers_fewer_steps_among_runs_that_reached_the_threshold():
+    # an early-stopped run's accuracy is wherever it first crossed 0.99; steps decide between them
+    fast = {"accuracy": 0.991, "best": {"test": 0.991}, "steps_to_threshold": 200}
+    slow = {"accuracy": 0.999, "best": {"test": 0.999}, "steps_to_threshold": 900}
+    near = {"accuracy": 0.985, "best": {"test": 0.985}, "steps_to_threshold": None}
+    far = {"accuracy": 0.400, "best": {"test": 0.400}, "steps_to_threshold": None}
+    cfg = tiny()
+    assert _rank(fast, cfg) > _rank(slow, cfg) > _rank(near, cfg) > _rank(far, cfg)
