@@ -27,6 +27,12 @@ SAFE_SPAN = 60.0
 LOG2_E = 1.4426950408889634
 
 
+def records_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record a call on ``tensors`` (``None`` entries are skipped). Forms that
+    work in place in preallocated buffers may do so only when this is False."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def exp_fast(x: torch.Tensor) -> torch.Tensor:
     """``exp(x)`` as ``2 ** (x log2 e)``, overwriting ``x`` (pass a temporary). On CPU torch's
     ``exp2`` kernel ran about 3x faster than its ``exp`` (AMD EPYC, torch 2.13: 40 vs 111 us for

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from subquad.ops._common import validation as val
+from subquad.ops._common.chunking import records_grad
 from subquad.ops._common.validation import autocast_exempt
 from subquad.ops._common.varlen import run_padded
 from subquad.ops.delta_rule.chunk import chunk_delta_rule
@@ -29,7 +30,7 @@ CHUNK_SIZE_AUTOGRAD = 32
 def default_chunk_size(*tensors: torch.Tensor | None) -> int:
     """The chunk size used when the caller passes none: 32 if autograd will record the call
     (gradients enabled and an input requires them), else 16."""
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    grad = records_grad(*tensors)
     return CHUNK_SIZE_AUTOGRAD if grad else CHUNK_SIZE_FORWARD
 
 

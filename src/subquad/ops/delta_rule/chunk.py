@@ -40,6 +40,7 @@ from subquad.ops._common.chunking import (
     causal_mask,
     exp_fast,
     pad_time,
+    records_grad,
     segment_length,
     state_dtype,
     to_chunks_major,
@@ -73,9 +74,7 @@ def chunk_delta_rule(
     strict = causal_mask(C, dev, strict=True)
     eye = torch.eye(C, dtype=cd, device=dev)
     S = initial_state.to(cd) if initial_state is not None else torch.zeros(B, H, K, V, dtype=cd, device=dev)
-    grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state)
-    )
+    grad = records_grad(q, k, v, g, beta, initial_state)
     outs = SegmentOutputs(B, T, H, V, q.dtype, dev, grad)
     starts = range(0, Tp, L)
     # split once (slicing per segment would make backward O(T^2 / L))

@@ -43,6 +43,7 @@ from subquad.ops._common.chunking import (
     causal_mask,
     exp_fast,
     pad_time,
+    records_grad,
     segment_length,
     state_dtype,
     to_chunks,
@@ -112,7 +113,7 @@ def chunk_gla(
     L = segment_length(B * H, max(K, V), C)
     S = initial_state.to(cd) if initial_state is not None else torch.zeros(B, H, K, V, dtype=cd, device=dev)
     scaled_mask = causal_mask(C, dev).to(cd) * scale
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, S))
+    grad = records_grad(q, k, v, g, S)
     outs = SegmentOutputs(B, T, H, V, q.dtype, dev, grad)
     # split once: slicing x[:, s:e] per segment would make backward build a full-size zero
     # gradient per slice, O(T^2 / L) work

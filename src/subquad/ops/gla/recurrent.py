@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from subquad.ops._common.chunking import StepOutputs, state_dtype, time_steps
+from subquad.ops._common.chunking import StepOutputs, records_grad, state_dtype, time_steps
 
 
 def recurrent_gla(
@@ -25,9 +25,7 @@ def recurrent_gla(
     V = v.shape[-1]
     cd = state_dtype(q.dtype)
     S = initial_state.to(cd) if initial_state is not None else q.new_zeros(B, H, K, V, dtype=cd)
-    grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g, initial_state)
-    )
+    grad = records_grad(q, k, v, g, initial_state)
     # contiguous time-major steps
     qt, kt, vt = (time_steps(x.to(cd).transpose(0, 1).contiguous(), grad) for x in (q, k, v))
     decay = time_steps(g.to(cd).exp().transpose(0, 1).unsqueeze(-1), grad)  # T x [B, H, K, 1]

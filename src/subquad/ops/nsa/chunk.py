@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from subquad.ops._common.chunking import exp_fast, state_dtype
+from subquad.ops._common.chunking import exp_fast, records_grad, state_dtype
 
 
 def _expand(x, G):
@@ -179,7 +179,7 @@ def selected(q, k, v, idx, ok, b, scale):
     S, Hk = k.shape[1], k.shape[2]
     G = H // Hk
     pos = torch.arange(S - T, S, device=q.device)
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    grad = records_grad(q, k, v)
     qv = q.view(B, T, Hk, G, K)
     outs = []
     for bi in range(B):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from subquad.ops._common.chunking import state_dtype
+from subquad.ops._common.chunking import records_grad, state_dtype
 from subquad.ops.routing.reference import assign
 
 
@@ -60,7 +60,7 @@ def chunk_routing(q, k, v, centroids, scale, chunk):
     kr = k.permute(0, 2, 1, 3).reshape(R, T, K)
     vr = v.permute(0, 2, 1, 3).reshape(R, T, Vd)
     qpos_all = torch.arange(G * T, device=q.device) % T
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    grad = records_grad(q, k, v)
     outs, where = [], []
     for m in range(M):
         # 2. the cluster's members, in position order

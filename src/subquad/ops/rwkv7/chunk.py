@@ -39,6 +39,7 @@ from subquad.ops._common.chunking import (
     causal_mask,
     exp_fast,
     pad_time,
+    records_grad,
     segment_length,
     state_dtype,
     to_chunks,
@@ -82,9 +83,7 @@ def chunk_rwkv7(r, w, k, v, a, b, scale, initial_state, output_final_state, chun
     strict = causal_mask(C, dev, strict=True)
     eye = torch.eye(C, dtype=cd, device=dev)
     S = initial_state.to(cd) if initial_state is not None else torch.zeros(B, H, K, V, dtype=cd, device=dev)
-    grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state)
-    )
+    grad = records_grad(r, w, k, v, a, b, initial_state)
     outs = SegmentOutputs(B, T, H, V, r.dtype, dev, grad)
     pieces = [x.split(L, 1) for x in (r, w, k, v, a, b)]  # split once: O(T) backward
     for s, segment in zip(range(0, Tp, L), zip(*pieces, strict=True), strict=True):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from subquad.ops._common.chunking import StepOutputs, state_dtype, time_steps
+from subquad.ops._common.chunking import StepOutputs, records_grad, state_dtype, time_steps
 
 
 def recurrent_rwkv7(r, w, k, v, a, b, scale, initial_state, output_final_state):
@@ -17,9 +17,7 @@ def recurrent_rwkv7(r, w, k, v, a, b, scale, initial_state, output_final_state):
     V = v.shape[-1]
     cd = state_dtype(r.dtype)
     S = initial_state.to(cd) if initial_state is not None else r.new_zeros(B, H, K, V, dtype=cd)
-    grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state)
-    )
+    grad = records_grad(r, w, k, v, a, b, initial_state)
     rt, kt, vt, at, bt = (time_steps(x.to(cd).transpose(0, 1).contiguous(), grad) for x in (r, k, v, a, b))
     decay = time_steps(w.to(cd).exp().transpose(0, 1).unsqueeze(-1), grad)  # T x [B, H, K, 1]
     outs = StepOutputs(B, T, H, V, cd, r.device, grad)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from subquad.ops._common.chunking import pad_time, state_dtype
+from subquad.ops._common.chunking import pad_time, records_grad, state_dtype
 
 # elements of one [B, L, D, N] tensor per segment (4 MiB of float32; measured, see README)
 SCAN_SEGMENT_ELEMENTS = 1 << 20
@@ -45,9 +45,7 @@ def chunk_selective_scan(
     N = A.shape[1]
     cd = state_dtype(x.dtype)
     Cc = chunk_size
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, initial_state)
-    )
+    grad = records_grad(x, dt, A, B, C, D, initial_state)
     h = initial_state.to(cd) if initial_state is not None else x.new_zeros(Bt, Dm, N, dtype=cd)
     A_ = A.to(cd)
     # 0. pad to whole chunks: dt = 0 is no decay and, with x = 0, no input

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from subquad.ops._common.chunking import state_dtype, time_steps
+from subquad.ops._common.chunking import records_grad, state_dtype, time_steps
 
 
 def recurrent_selective_scan(
@@ -26,9 +26,7 @@ def recurrent_selective_scan(
     N = A.shape[1]
     cd = state_dtype(x.dtype)
     h = initial_state.to(cd) if initial_state is not None else x.new_zeros(Bt, Dm, N, dtype=cd)
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, initial_state)
-    )
+    grad = records_grad(x, dt, A, B, C, D, initial_state)
     A_ = A.to(cd)
     # time-major steps: dt [B, D, 1], dt * x [B, D, 1], B [B, 1, N], C [B, N, 1]
     dt_t = time_steps(dt.to(cd).transpose(0, 1).unsqueeze(-1), grad)

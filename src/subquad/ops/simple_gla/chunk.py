@@ -32,6 +32,7 @@ from subquad.ops._common.chunking import (
     causal_mask,
     exp_fast,
     pad_time,
+    records_grad,
     segment_length,
     state_dtype,
     to_chunks,
@@ -154,9 +155,7 @@ def chunk_scalar_decay(
     inter_scale = 1.0 if decayed else scale
     S = initial_state.to(cd) if initial_state is not None else torch.zeros(B, H, K, V, dtype=cd, device=dev)
     shared: dict[int, tuple[torch.Tensor, ...]] = {}
-    grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g, g_gamma, initial_state)
-    )
+    grad = records_grad(q, k, v, g, g_gamma, initial_state)
     # a non-positive scale cannot ride in the exponentials: the output is scaled at the end
     outs = SegmentOutputs(B, T, H, V, cd if post_scale != 1.0 else q.dtype, dev, grad)
     # split once: slicing x[:, s:e] per segment would make backward build a full-size zero

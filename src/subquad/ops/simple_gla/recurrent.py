@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from subquad.ops._common.chunking import StepOutputs, state_dtype, time_steps
+from subquad.ops._common.chunking import StepOutputs, records_grad, state_dtype, time_steps
 
 
 def recurrent_scalar_decay(
@@ -27,9 +27,7 @@ def recurrent_scalar_decay(
     V = v.shape[-1]
     cd = state_dtype(q.dtype)
     S = initial_state.to(cd) if initial_state is not None else q.new_zeros(B, H, K, V, dtype=cd)
-    grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g, g_gamma, initial_state)
-    )
+    grad = records_grad(q, k, v, g, g_gamma, initial_state)
     # contiguous time-major steps
     qt, kt, vt = (time_steps(x.to(cd).transpose(0, 1).contiguous(), grad) for x in (q, k, v))
     decay = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from subquad.ops._common.chunking import StepOutputs, state_dtype, time_steps
+from subquad.ops._common.chunking import StepOutputs, records_grad, state_dtype, time_steps
 
 
 def recurrent_titans(q, k, v, theta, g, gm, mini_batch_size, scale, initial_state, output_final_state):
@@ -21,9 +21,7 @@ def recurrent_titans(q, k, v, theta, g, gm, mini_batch_size, scale, initial_stat
         M, S = initial_state[:, 0].to(cd), initial_state[:, 1].to(cd)
     else:
         M = S = q.new_zeros(B, H, K, V, dtype=cd)
-    grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, theta, g, gm, initial_state)
-    )
+    grad = records_grad(q, k, v, theta, g, gm, initial_state)
     qt, kt, vt = (time_steps(x.to(cd).transpose(0, 1).contiguous(), grad) for x in (q, k, v))
     tt, dm, dg = (
         time_steps(x.transpose(0, 1)[..., None, None], grad)

@@ -25,6 +25,7 @@ from subquad.ops._common.chunking import (
     batched_qk,
     causal_mask,
     pad_time,
+    records_grad,
     segment_length,
     state_dtype,
     to_chunks,
@@ -53,9 +54,7 @@ def chunk_ttt_linear(
     mask = causal_mask(C, dev)
     eye_k = torch.eye(K, dtype=cd, device=dev)
     W = initial_state.to(cd) if initial_state is not None else torch.zeros(B, H, K, V, dtype=cd, device=dev)
-    grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, eta, initial_state)
-    )
+    grad = records_grad(q, k, v, eta, initial_state)
     outs = SegmentOutputs(B, T, H, V, q.dtype, dev, grad)
     pieces = [x.split(L, 1) for x in (q, k, v, eta)]
     for s, (q_s, k_s, v_s, eta_s) in zip(range(0, Tp, L), zip(*pieces, strict=True), strict=True):

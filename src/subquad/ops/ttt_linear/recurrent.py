@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from subquad.ops._common.chunking import StepOutputs, state_dtype, time_steps
+from subquad.ops._common.chunking import StepOutputs, records_grad, state_dtype, time_steps
 
 
 def recurrent_ttt_linear(
@@ -28,9 +28,7 @@ def recurrent_ttt_linear(
     V = v.shape[-1]
     cd = state_dtype(q.dtype)
     W = initial_state.to(cd) if initial_state is not None else q.new_zeros(B, H, K, V, dtype=cd)
-    grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, eta, initial_state)
-    )
+    grad = records_grad(q, k, v, eta, initial_state)
     qt, kt, vt = (time_steps(x.to(cd).transpose(0, 1).contiguous(), grad) for x in (q, k, v))
     et = time_steps(eta.to(cd).transpose(0, 1).unsqueeze(-1), grad)  # T x [B, H, 1]
     outs = StepOutputs(B, T, H, V, cd, q.device, grad)
