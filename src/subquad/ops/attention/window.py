@@ -293,9 +293,9 @@ def recompute_grads(fn, inputs, do, dlse):
 
 
 class _BandPlan:
-    """Block-aligned spans: block I (queries ``[I b, I b + b)``) scores keys ``[I b - P, I b + b + R)``
-    with ``P``, ``R`` the window's reach rounded up to whole blocks; interior blocks are those whose
-    span and queries lie inside ``[0, T)``."""
+    """Spans: block I (queries ``[I b, I b + b)``) scores keys ``[I b - P, I b + b + R)`` with ``P``,
+    ``R`` the window's reach (``window - 1`` back, and forward too when not causal); interior blocks
+    are those whose span and queries lie inside ``[0, T)``, the others are edge blocks."""
 
     def __init__(self, T, b, causal, window, sinks, device, dtype):
         self.T, self.b, self.causal, self.window, self.sinks = T, b, causal, window, sinks
@@ -304,10 +304,11 @@ class _BandPlan:
         extra = allowed(i, j, causal, window, sinks, T) & ~allowed(i, j, causal, window, 0, T)
         self.sink_hidden = ~extra if bool(extra.any()) else None  # [T, s]
         self.nb = -(-T // b)
-        self.P = -(-(window - 1) // b) * b
+        # the window's exact reach: a span need not start on a block boundary (it is a strided view)
+        self.P = window - 1
         self.R = 0 if causal else self.P
         self.L = self.P + b + self.R
-        self.first = self.P // b
+        self.first = -(-self.P // b)  # first block whose span starts at or after key 0
         self.last = (T - self.R) // b - 1  # may be < first: no interior block
         r = torch.arange(b, device=device).view(b, 1)
         c = torch.arange(self.L, device=device).view(1, self.L)
