@@ -236,11 +236,12 @@ class _SpanAttention(torch.autograd.Function):
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-# query block of the fused forward. At window 512, T = 16K on a 2-core Intel Xeon VM (B = 1,
-# H = 8, D = 64): 0.18 s at 64, 0.20 at 128, 0.18 at 256 (spans of P + b + R keys: larger blocks
-# make fewer, longer kernel rows and waste more masked keys); on an AMD EPYC VM 64-256 were all
-# within 3% (0.25-0.26 s). 256 was also best for the kernel's backward, which is no longer used
-FLASH_BLOCK = 256
+# query block of the fused forward. A span holds b + window - 1 keys for b queries, and the kernel
+# computes all of them (its causal skipping works on whole 512-key blocks), so smaller blocks waste
+# fewer masked keys but run smaller gemms. At window 512, T = 16K, B = 1, H = 8, D = 64, 2 threads,
+# one process with the sizes interleaved (AMD EPYC VM, idle, medians of 3): 200 ms at 64, 216 at
+# 128, 208 at 192, 221 at 256 (causal SDPA 1845 ms). An Intel Xeon VM had 64 and 256 even (0.18 s).
+FLASH_BLOCK = 64
 # values per span tensor in one kernel call (4 MB in float32; see _BandPlan.groups)
 GROUP_ELEMENTS = 1 << 20
 
