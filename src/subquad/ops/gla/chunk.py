@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from subquad.ops._common.chunking import (
+    LOG2_E,
     SAFE_SPAN,
     SegmentOutputs,
     batched_kv,
@@ -126,21 +127,29 @@ def chunk_gla(
         # strided and write contiguous results, so q, k and g need no separate layout copy
         qv, kv = (x.view(B, n, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q_s, k_s))
         vc = to_chunks(v_s, C, cd)
-        # a contiguous copy first: cumsum along a strided middle dim ran at half the speed
-        bc = to_chunks(g_s, C, cd).cumsum(-2)
+        # b in log2 units (b / ln 2), so every factor below is one exp2. Without autograd the
+        # scaling writes the contiguous copy that cumsum needs anyway (along a strided middle dim
+        # it ran at half the speed), and cumsum runs in place; autograd supports neither
+        if grad:
+            bc = to_chunks(g_s, C, cd).mul_(LOG2_E).cumsum(-2)
+        else:
+            gv = g_s.view(B, n, C, H, -1).permute(0, 3, 1, 2, 4).to(cd)  # no copy in float32
+            bc = torch.mul(gv, LOG2_E, out=torch.empty(gv.shape, dtype=cd, device=dev)).cumsum_(-2)
         last = bc[..., -1:, :]  # [B, H, n, 1, K] decay over each chunk
-        if -float(last.detach().min()) <= SAFE_SPAN:
+        if -float(last.detach().min()) <= SAFE_SPAN * LOG2_E:
             # 1a. moderate decay: factor every chunk around its midpoint r = b_C / 2. The query
             # then needs exp(r) and each key exp(b_C - r) more: per-chunk [K] factors that are
             # applied to the small [K, V] states in the state pass instead of to q and k
             r = last * 0.5
-            E = exp_fast(bc - r)  # within [e^-30, e^30]
+            E = torch.sub(bc, r).exp2_()  # exp(b - r), within [e^-30, e^30]
             # E first: an elementwise result takes the layout of its first operand (contiguous here)
             q_out = torch.mul(E, qv)  # q_i * exp(b_i - r)
-            k_out = torch.mul(E.reciprocal(), kv)  # k_j * exp(r - b_j)
+            # k_j * exp(r - b_j): one pass into a contiguous buffer without autograd
+            k_out = torch.mul(E.reciprocal(), kv) if grad else torch.div(kv, E, out=torch.empty_like(E))
             scores = batched_qk(q_out, k_out).mul_(scaled_mask)
-            read = (r.exp() * scale).transpose(-1, -2)  # [B, H, n, K, 1]
-            write = (last - r).exp().transpose(-1, -2)
+            read = (r.exp2() * scale).transpose(-1, -2)  # [B, H, n, K, 1]
+            write = (last - r).exp2().transpose(-1, -2)
+            chunk_decay = last.squeeze(-2).exp2().unsqueeze(-1)  # [B, H, n, K, 1]
         else:
             # 1b. strong decay somewhere in the segment: secondary chunking, no overflow possible.
             # b reaches thousands of nats here: accumulate it in float64 so the differences of
@@ -153,13 +162,13 @@ def chunk_gla(
             k_out = kc * (last - bc).to(cd).exp()
             read = torch.full((1, 1, n, 1, 1), scale, dtype=cd, device=dev)
             write = None
+            chunk_decay = last.squeeze(-2).to(cd).exp().unsqueeze(-1)
         # 2. each chunk's contribution to the state at its end (up to the factor `write`)
         U = batched_kv(k_out, vc)  # [B, H, n, K, V]
         # 3. inter-chunk state pass, sequential over the segment's chunks; each chunk reads the
         # state entering it scaled by `read`
         # (the factors `write` and `read` are applied to all chunks at once, outside the loop,
         # so each step is one addcmul)
-        chunk_decay = last.squeeze(-2).to(cd).exp().unsqueeze(-1)  # [B, H, n, K, 1]
         if write is not None:
             U = U * write
         if grad:
