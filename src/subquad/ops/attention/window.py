@@ -162,19 +162,37 @@ def _forward(qs, k, v, plan):
     return acc[:, : plan.T], lse
 
 
-def _backward(qs, k, v, o, lse, do, dlse, plan):
+def _row_dots(x, y, rows=1024):
+    """``(x * y).sum(-1)`` for ``[B, T, H, D]`` tensors, a block of rows at a time: the full-size
+    product would be a fresh buffer as large as x, paid for in page faults on first touch."""
+    B, T = x.shape[:2]
+    out = x.new_empty(x.shape[:-1])
+    buf = x.new_empty(min(rows, T), *x.shape[2:])
+    for bi in range(B):
+        for r0 in range(0, T, rows):
+            r1 = min(r0 + rows, T)
+            torch.sum(torch.mul(x[bi, r0:r1], y[bi, r0:r1], out=buf[: r1 - r0]), -1, out=out[bi, r0:r1])
+    return out
+
+
+def _backward(qs, k, v, o, lse, do, dlse, plan, q_scale=None):
     """Gradients of the scaled queries ``[B, Tp, H, K]`` and of the keys, values (head-major
-    ``[B, H, T, D]``). ``do``, ``o`` are zero-padded to ``Tp``; lse, dlse block-major."""
+    ``[B, H, T, D]``). ``do``, ``o`` are zero-padded to ``Tp``; lse, dlse block-major. With
+    ``q_scale``, ``qs`` holds the unscaled queries and each block is scaled as it is read (no
+    second full-size copy of q)."""
     B, Tp, H, _ = qs.shape
     nb, b = plan.nb, plan.b
     # d lse / d s = p, so a gradient on lse enters dS = P * (dP - delta) as delta - dlse
-    delta = _time_to_blocks((do * o).sum(-1), b).sub(dlse)  # [B, nb, H, b]
+    delta = _time_to_blocks(_row_dots(do, o), b).sub_(dlse)  # [B, nb, H, b]
     dq = qs.new_empty(B, Tp, H, qs.shape[-1])
     dk, dv = k.new_zeros(B, H, plan.T, k.shape[-1]), v.new_zeros(B, H, plan.T, v.shape[-1])
     for bi in range(B):
+        q_bi = qs[bi]
         for I in range(nb):
             k0, k1 = plan.span(I)
-            qI, doI = _heads(qs[bi], I * b, (I + 1) * b), _heads(do[bi], I * b, (I + 1) * b)
+            qI, doI = _heads(q_bi, I * b, (I + 1) * b), _heads(do[bi], I * b, (I + 1) * b)
+            if q_scale is not None:
+                qI = qI * q_scale
             kS, vS = _heads(k[bi], k0, k1), _heads(v[bi], k0, k1)
             p = exp_fast(_scores(qI, kS, plan.blocked(I)).sub_(lse[bi, I].unsqueeze(-1)))
             # (a fresh product added to the strided span slice: baddbmm_ into it runs per head)
@@ -182,7 +200,9 @@ def _backward(qs, k, v, o, lse, do, dlse, plan):
             ds = p.mul_(torch.bmm(doI, vS.transpose(1, 2)).sub_(delta[bi, I].unsqueeze(-1)))
             _heads(dq[bi], I * b, (I + 1) * b).copy_(torch.bmm(ds, kS))
             dk[bi, :, k0:k1].add_(torch.bmm(ds.transpose(1, 2), qI))
-        s_sink, ks = _sink_scores(qs[bi], k[bi], plan)
+        if q_scale is not None and plan.sink_count(nb - 1) > 0:
+            q_bi = q_bi * q_scale
+        s_sink, ks = _sink_scores(q_bi, k[bi], plan)
         if s_sink is not None:
             n_s = ks.shape[1]
             lse_t = lse[bi].transpose(0, 1).reshape(H, Tp)
@@ -193,7 +213,7 @@ def _backward(qs, k, v, o, lse, do, dlse, plan):
             vs = _heads(v[bi], 0, n_s).contiguous()
             ds = p.mul_(torch.bmm(do_h, vs.transpose(1, 2)).sub_(delta_t.unsqueeze(-1)))
             dq[bi].add_(torch.bmm(ds, ks).transpose(0, 1))
-            dk[bi, :, :n_s].baddbmm_(ds.transpose(1, 2), qs[bi].transpose(0, 1))
+            dk[bi, :, :n_s].baddbmm_(ds.transpose(1, 2), q_bi.transpose(0, 1))
     return dq[:, : plan.T], dk, dv
 
 
@@ -444,14 +464,14 @@ class _FlashWindow(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         plan = ctx.plan
         span = _SpanPlan(plan.T, min(ctx.span_block, plan.T), plan.causal, plan.window, plan.sinks, q.device)
-        qs = _pad_rows(q * ctx.scale, span.Tp)
+        qp = _pad_rows(q, span.Tp)
         do, o = (_pad_rows(x.to(q.dtype), span.Tp) for x in (do, o))
         lse = _time_to_blocks(_pad_rows(lse, span.Tp), span.b)
         if dlse is None:
             dlse = torch.zeros_like(lse)
         else:
             dlse = _time_to_blocks(_pad_rows(dlse.to(q.dtype), span.Tp), span.b)
-        dq, dk, dv = _backward(qs, k, v, o, lse, do.contiguous(), dlse, span)
+        dq, dk, dv = _backward(qp, k, v, o, lse, do.contiguous(), dlse, span, q_scale=ctx.scale)
         grads = (dq.mul_(ctx.scale), dk.transpose(1, 2), dv.transpose(1, 2))
         return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None, None, None)
 
