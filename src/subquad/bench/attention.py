@@ -26,7 +26,9 @@ referenced span in retrieval heads, one diagonal in copy heads, sink columns in 
 random scores, the kind of pattern
 the estimators are built for; on unstructured random inputs no sparse mask can be accurate and
 the errors would say nothing. Timings are medians over ``repeats`` after a warmup; all ratios come
-from this one run.
+from this one run. Each method is timed in interleaved rounds together with the SDPA it is compared
+with (the exact methods at each T; the decode pair; every window, sparse and approximate method at
+``T`` with dense SDPA), so a slow spell of a shared machine lands on both sides of a ratio.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from tqdm.auto import tqdm
 
 from subquad.bench.machine import PeakMemory, load_average, machine_info, measure_peak
 from subquad.bench.speed import _time as time_median
+from subquad.bench.speed import time_interleaved
 from subquad.ops import attention, attention_decode, hyper_attention, routing_attention
 from subquad.ops.attention.estimators import ESTIMATORS, mask_density
 from subquad.ops.attention.window import own_tiling
@@ -204,17 +207,32 @@ def _fwd_bwd(fn, leaves):
     return run
 
 
-def _timed_pair(fn, leaves, cfg) -> dict:
-    """Forward (no grad) and forward+backward medians of ``fn() -> o``."""
+def _timed_group(fns: dict, leaves, cfg, status=None) -> dict:
+    """``{name: {"fwd_s", "fwdbwd_s"}}``: forward (no grad) and forward+backward medians of each
+    ``fn() -> o`` in ``fns``, timed in interleaved rounds (``time_interleaved``), so SDPA and the
+    methods compared with it see the same spells of a shared machine. ``status(text)`` is told
+    each finished round."""
+    cpu = torch.device("cpu")
+    phase = {"name": "fwd", "round": 0}
+
+    def on_round():
+        if status is not None:
+            status(f"{phase['name']} round {phase['round']}/{cfg.repeats}")
+        phase["round"] += 1
+
     with torch.no_grad():
-        row = {"fwd_s": _time(fn, cfg.repeats)}
+        fwd = time_interleaved(fns, cfg.repeats, cpu, on_round)
+    rows = {name: {"fwd_s": fwd[name][0]} for name in fns}
     if cfg.backward:
+        phase.update(name="fwd+bwd", round=0)
         for x in leaves:
             x.requires_grad_(True)
-        row["fwdbwd_s"] = _time(_fwd_bwd(fn, leaves), cfg.repeats)
+        bwd = time_interleaved({n: _fwd_bwd(fn, leaves) for n, fn in fns.items()}, cfg.repeats, cpu, on_round)
         for x in leaves:
             x.requires_grad_(False)
-    return row
+        for name in fns:
+            rows[name]["fwdbwd_s"] = bwd[name][0]
+    return rows
 
 
 def _sdpa(q, k, v, causal=True):
@@ -243,22 +261,27 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
         torch.set_num_threads(cfg.threads)
     probe = PeakMemory(torch.device("cpu"))
     rows: list[dict] = []
-    steps = len(cfg.exact_lens) + len(cfg.memory_lens) + 2 * len(cfg.estimators) + 6  # progress units
+    steps = len(cfg.exact_lens) + len(cfg.memory_lens) + len(cfg.estimators) + 2  # progress units
     bar = tqdm(total=steps, disable=not progress, desc="bench attention", unit="step")
 
     def step(label):
         bar.set_postfix_str(label)
         bar.update(1)
 
+    def status(label):
+        bar.set_postfix_str(label)
+
     # exact causal attention vs SDPA
     for T in cfg.exact_lens:
         q, k, v = structured_qkv(T, heads=cfg.heads, head_dim=cfg.head_dim, seed=cfg.seed)
-        for name, fn in (
-            ("sdpa", lambda q=q, k=k, v=v: _sdpa(q, k, v)),
-            ("attention", lambda q=q, k=k, v=v: attention(q, k, v)),
-            (OWN_TILING, lambda q=q, k=k, v=v: _own(attention, q, k, v)),
-        ):
-            rows.append({"section": "exact", "method": name, "T": T, **_timed_pair(fn, [q, k, v], cfg)})
+        fns = {
+            "sdpa": lambda q=q, k=k, v=v: _sdpa(q, k, v),
+            "attention": lambda q=q, k=k, v=v: attention(q, k, v),
+            OWN_TILING: lambda q=q, k=k, v=v: _own(attention, q, k, v),
+        }
+        timed = _timed_group(fns, [q, k, v], cfg, lambda text, T=T: status(f"exact T={T} {text}"))
+        for name in fns:
+            rows.append({"section": "exact", "method": name, "T": T, **timed[name]})
         step(f"exact T={T}")
     for T in cfg.memory_lens:
         q, k, v = structured_qkv(T, heads=cfg.heads, head_dim=cfg.head_dim, seed=cfg.seed)
@@ -286,26 +309,24 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
     kc = torch.randn(1, S, cfg.heads, cfg.head_dim, generator=g)
     vc = torch.randn(1, S, cfg.heads, cfg.head_dim, generator=g)
     q1 = torch.randn(1, 1, cfg.heads, cfg.head_dim, generator=g)
+    fns = {
+        "sdpa": lambda kc=kc, vc=vc: _sdpa(q1, kc, vc, causal=False),
+        "attention_decode": lambda kc=kc, vc=vc: attention_decode(q1, kc, vc, num_splits=cfg.decode_splits),
+    }
     with torch.no_grad():
-        ref = _sdpa(q1, kc, vc, causal=False)
-        for name, fn in (
-            ("sdpa", lambda kc=kc, vc=vc: _sdpa(q1, kc, vc, causal=False)),
-            (
-                "attention_decode",
-                lambda kc=kc, vc=vc: attention_decode(q1, kc, vc, num_splits=cfg.decode_splits),
-            ),
-        ):
-            err = _rel_err(fn(), ref)
+        ref = fns["sdpa"]()
+        timed = time_interleaved(fns, max(cfg.repeats, 11), torch.device("cpu"))
+        for name, fn in fns.items():
             rows.append(
                 {
                     "section": "decode",
                     "method": name,
                     "T": S,
-                    "fwd_s": _time(fn, max(cfg.repeats, 11)),
-                    "rel_err": err,
+                    "fwd_s": timed[name][0],
+                    "rel_err": _rel_err(fn(), ref),
                 }
             )
-    del kc, vc
+    del kc, vc, fns
     step(f"decode S={S}")
 
     # sliding window vs dense causal SDPA, and the block-sparse rows, at T
@@ -313,31 +334,8 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
     q, k, v = structured_qkv(T, heads=cfg.heads, head_dim=cfg.head_dim, seed=cfg.seed)
     with torch.no_grad():
         full = _sdpa(q, k, v)
-    dense = {
-        "section": "dense",
-        "method": "sdpa",
-        "T": T,
-        **_timed_pair(lambda: _sdpa(q, k, v), [q, k, v], cfg),
-    }
-    rows.append(dense)
-    # the plain window (what the speed target names) and with StreamingLLM's 4 sink keys
-    # (and the plain window by this library's own span loop, torch's fused kernel off)
-    for sinks, own in ((0, False), (4, False), (0, True)):
-        fn = lambda sinks=sinks: attention(q, k, v, window=cfg.window, sinks=sinks)  # noqa: E731
-        fn = (lambda fn=fn: _own(fn)) if own else fn
-        win = {
-            "section": "window",
-            "method": (OWN_TILING if own else "attention")
-            + f" window={cfg.window}"
-            + (f" sinks={sinks}" if sinks else ""),
-            "T": T,
-            **_timed_pair(fn, [q, k, v], cfg),
-        }
-        with torch.no_grad():
-            win["rel_err"] = _rel_err(fn(), full)
-        rows.append(win)
-    step(f"window T={T}")
-
+    # every method at T is timed in one interleaved group with dense SDPA (its ratios' baseline);
+    # the mask estimators are timed on their own first
     masks = {}
     for name, kwargs in cfg.estimators.items():
         est = ESTIMATORS[name]
@@ -353,22 +351,6 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
         {"density": rnd_density},
     )
     masks[f"random, {OWN_TILING}"] = masks["random"]
-    for name, (mask, t_est, kwargs) in masks.items():
-        fn = lambda mask=mask: attention(q, k, v, block_mask=mask, chunk_size=b)  # noqa: E731
-        fn = (lambda fn=fn: _own(fn)) if name.endswith(OWN_TILING) else fn
-        row = {
-            "section": "sparse",
-            "method": name,
-            "T": T,
-            "settings": kwargs,
-            "density": mask_density(mask),
-            "estimate_s": t_est,
-            **_timed_pair(fn, [q, k, v], cfg),
-        }
-        with torch.no_grad():
-            row["rel_err"] = _rel_err(fn(), full)
-        rows.append(row)
-        step(f"sparse {name}")
     # approximate attention ops: HyperAttention at cfg.hyper; routing with centroids from 5 k-means
     # (Lloyd) steps on this input's queries and keys, started from randomly drawn queries/keys (random
     # Gaussian starts leave most clusters empty), as a trained layer's EMA would settle on
@@ -378,17 +360,38 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
         mu = torch.cat([q, k], 1)[0, pick].transpose(0, 1).contiguous()  # [H, M, D]
         for _ in range(5):
             mu = update_centroids(mu, q, k, decay=0.0)
-    approx = {
-        "hyper": (lambda: hyper_attention(q, k, v, **cfg.hyper), dict(cfg.hyper)),
-        "routing": (lambda: routing_attention(q, k, v, mu), {"clusters": cfg.routing_clusters}),
-    }
-    for name, (fn, kwargs) in approx.items():
-        row = {"section": "approx", "method": name, "T": T, "settings": kwargs}
-        row.update(_timed_pair(fn, [q, k, v], cfg))
-        with torch.no_grad():
-            row["rel_err"] = _rel_err(fn(), full)
+
+    group: dict[tuple[str, str], tuple[dict, Any]] = {("dense", "sdpa"): ({}, lambda: _sdpa(q, k, v))}
+    # the plain window (what the speed target names) and with StreamingLLM's 4 sink keys
+    # (and the plain window by this library's own span loop, torch's fused kernel off)
+    for sinks, own in ((0, False), (4, False), (0, True)):
+        fn = lambda sinks=sinks: attention(q, k, v, window=cfg.window, sinks=sinks)  # noqa: E731
+        fn = (lambda fn=fn: _own(fn)) if own else fn
+        name = (OWN_TILING if own else "attention") + f" window={cfg.window}"
+        name += f" sinks={sinks}" if sinks else ""
+        group[("window", name)] = ({}, fn)
+    for name, (mask, t_est, kwargs) in masks.items():
+        fn = lambda mask=mask: attention(q, k, v, block_mask=mask, chunk_size=b)  # noqa: E731
+        fn = (lambda fn=fn: _own(fn)) if name.endswith(OWN_TILING) else fn
+        extra = {"settings": kwargs, "density": mask_density(mask), "estimate_s": t_est}
+        group[("sparse", name)] = (extra, fn)
+    group[("approx", "hyper")] = (
+        {"settings": dict(cfg.hyper)},
+        lambda: hyper_attention(q, k, v, **cfg.hyper),
+    )
+    group[("approx", "routing")] = (
+        {"settings": {"clusters": cfg.routing_clusters}},
+        lambda: routing_attention(q, k, v, mu),
+    )
+    fns = {key: fn for key, (_, fn) in group.items()}
+    timed = _timed_group(fns, [q, k, v], cfg, lambda text: status(f"T={T}, {len(fns)} methods: {text}"))
+    for (section, name), (extra, fn) in group.items():
+        row = {"section": section, "method": name, "T": T, **extra, **timed[(section, name)]}
+        if section != "dense":
+            with torch.no_grad():
+                row["rel_err"] = _rel_err(fn(), full)
         rows.append(row)
-        step(f"approx {name}")
+    step(f"window, sparse and approx T={T}")
     bar.close()
     _ratios(rows)
     return {

@@ -116,12 +116,15 @@ def quick_config(**overrides) -> SpeedConfig:
     return SpeedConfig(**{"seq_lens": (1024, 4096), "repeats": 3, **overrides})
 
 
-def _time_interleaved(fns: dict, repeats: int, device: torch.device) -> dict:
+def time_interleaved(
+    fns: dict, repeats: int, device: torch.device, on_round: Callable[[], object] | None = None
+) -> dict:
     """``{key: (median seconds, repeats)}`` of every callable in ``fns``, timed in rounds: one warmup
     each, then each round times every callable once, in turn. On a shared machine a slow spell
     then lands on all of them alike instead of on whichever happened to run during it, so ratios
-    between them (per-token time across T) hold steadier. A callable whose warmup took longer than
-    SLOW_CALL_S gets 3 repeats (1 past 4x) instead of ``repeats``."""
+    between them (per-token time across T, a method against SDPA) hold steadier. A callable whose
+    warmup took longer than SLOW_CALL_S gets 3 repeats (1 past 4x) instead of ``repeats``.
+    ``on_round`` is called after the warmups and after every round (progress)."""
     budget, times = {}, {}
     for key, fn in fns.items():
         synchronize(device)
@@ -131,6 +134,8 @@ def _time_interleaved(fns: dict, repeats: int, device: torch.device) -> dict:
         first = time.perf_counter() - t0
         budget[key] = 1 if first > 4 * SLOW_CALL_S else min(repeats, 3) if first > SLOW_CALL_S else repeats
         times[key] = []
+    if on_round is not None:
+        on_round()
     for _ in range(max(budget.values(), default=0)):
         for key, fn in fns.items():
             if len(times[key]) < budget[key]:
@@ -139,12 +144,14 @@ def _time_interleaved(fns: dict, repeats: int, device: torch.device) -> dict:
                 fn()
                 synchronize(device)
                 times[key].append(time.perf_counter() - t0)
+        if on_round is not None:
+            on_round()
     return {key: (statistics.median(times[key]), budget[key]) for key in fns}
 
 
 def _time(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, int]:
-    """Median seconds of one callable over repeats after a warmup (see ``_time_interleaved``)."""
-    return _time_interleaved({0: fn}, repeats, device)[0]
+    """Median seconds of one callable over repeats after a warmup (see ``time_interleaved``)."""
+    return time_interleaved({0: fn}, repeats, device)[0]
 
 
 def _backward_fn(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], object]:
@@ -308,7 +315,7 @@ def _measure_all(runs, cfg, device, probe, peak) -> None:
         for x in leaves:
             x.requires_grad_(False)
     with torch.no_grad():
-        fwd = _time_interleaved({i: run[1] for i, run in enumerate(runs)}, cfg.repeats, device)
+        fwd = time_interleaved({i: run[1] for i, run in enumerate(runs)}, cfg.repeats, device)
         for i, (row, fn, _, flops, _) in enumerate(runs):
             t_fwd, reps = fwd[i]
             tokens = cfg.batch * row["T"]
@@ -326,7 +333,7 @@ def _measure_all(runs, cfg, device, probe, peak) -> None:
         for x in runs[i][2]:
             x.requires_grad_(True)  # no graph is built under no_grad, so forward timing was unaffected
     bwd_fns = {i: _backward_fn(runs[i][1], runs[i][2]) for i in with_bwd}
-    bwd = _time_interleaved(bwd_fns, cfg.repeats, device)
+    bwd = time_interleaved(bwd_fns, cfg.repeats, device)
     for i in with_bwd:
         row, flops = runs[i][0], runs[i][3]
         t_bwd, reps = bwd[i]
