@@ -214,12 +214,14 @@ def run_speed(cfg: SpeedConfig, progress: bool = True) -> dict:
     probe = PeakMemory(device)
     cases = list(_cases(cfg))
     rows: list[dict] = []
-    # every case at every length (SDPA first) is built first and then timed in one pool of
-    # interleaved rounds (``_measure_all``), so the ratios against SDPA, between modes and across
-    # lengths all compare calls made under the same spells of a shared machine; rows are listed
-    # by T afterwards
-    runs = []  # (row, fn, leaves, flops, backward)
+    total = len(cfg.seq_lens) * (len(cases) + 1)
+    bar = tqdm(total=total, desc="bench speed", disable=not progress, unit="case")
+    # case by case (SDPA first), each timed at all its lengths in interleaved rounds; rows are
+    # listed by T afterwards
     for spec, var, mode in [(None, None, "sdpa"), *cases]:
+        name = "sdpa" if spec is None else spec.name
+        bar.set_postfix_str(f"{name}/{mode}")
+        runs = []  # (row, fn, leaves, flops, backward)
         for T in cfg.seq_lens:
             if spec is None:
                 row = {"name": "sdpa", "variant": "causal", "mode": "sdpa", "T": T}
@@ -259,10 +261,10 @@ def run_speed(cfg: SpeedConfig, progress: bool = True) -> dict:
             if cfg.backward and not do_bwd:
                 row["backward_skipped"] = f"T > {bwd_flag} ({bwd_limit}): autograd keeps a state per step"
             runs.append((row, op, list(inputs.values()), flops, do_bwd))
-    bar = tqdm(desc="bench speed", disable=not progress, unit="step")
-    _measure_all(runs, cfg, device, probe, peak, bar)
-    rows.extend(run[0] for run in runs)
-    del runs
+        _measure_all(runs, cfg, device, probe, peak)
+        rows.extend(run[0] for run in runs)
+        bar.update(len(cfg.seq_lens))
+        del runs
     order = {T: i for i, T in enumerate(cfg.seq_lens)}
     rows.sort(key=lambda r: order[r["T"]])  # stable: SDPA, then the cases in their order, per T
     bar.close()
@@ -305,26 +307,15 @@ def run_speed(cfg: SpeedConfig, progress: bool = True) -> dict:
     return result
 
 
-def _measure_all(runs, cfg, device, probe, peak, bar=None) -> None:
-    """Fill each ``(row, fn, leaves, flops, backward)``: forward times under ``no_grad`` and
-    forward+backward times, each pool timed in interleaved rounds (``time_interleaved``), then the
-    peak memory of one call of each. ``bar`` (tqdm) counts rounds and memory calls."""
-    with_bwd = [i for i, run in enumerate(runs) if run[4]]
-    if bar is not None:
-        bar.total = 2 * (cfg.repeats + 1) + len(runs) + len(with_bwd)
-        bar.refresh()
-
-    def tick(label):
-        if bar is not None:
-            bar.set_postfix_str(label)
-            bar.update(1)
-
+def _measure_all(runs, cfg, device, probe, peak) -> None:
+    """Fill each ``(row, fn, leaves, flops, backward)`` of one case (its lengths): forward times
+    under ``no_grad`` and forward+backward times, each interleaved over the lengths, then the peak
+    memory of one call of each."""
     for _, _, leaves, _, _ in runs:
         for x in leaves:
             x.requires_grad_(False)
     with torch.no_grad():
-        fns = {i: run[1] for i, run in enumerate(runs)}
-        fwd = time_interleaved(fns, cfg.repeats, device, lambda: tick(f"forward, {len(fns)} runs"))
+        fwd = time_interleaved({i: run[1] for i, run in enumerate(runs)}, cfg.repeats, device)
         for i, (row, fn, _, flops, _) in enumerate(runs):
             t_fwd, reps = fwd[i]
             tokens = cfg.batch * row["T"]
@@ -337,13 +328,12 @@ def _measure_all(runs, cfg, device, probe, peak, bar=None) -> None:
                 fwd_peak_fraction=flops / t_fwd / 1e9 / peak,
                 fwd_mem_bytes=measure_peak(fn, probe),
             )
-            tick(f"memory {row['name']}/{row['mode']} T={row['T']}")
+    with_bwd = [i for i, run in enumerate(runs) if run[4]]
     for i in with_bwd:
         for x in runs[i][2]:
             x.requires_grad_(True)  # no graph is built under no_grad, so forward timing was unaffected
     bwd_fns = {i: _backward_fn(runs[i][1], runs[i][2]) for i in with_bwd}
-    label = f"forward+backward, {len(bwd_fns)} runs"
-    bwd = time_interleaved(bwd_fns, cfg.repeats, device, lambda: tick(label))
+    bwd = time_interleaved(bwd_fns, cfg.repeats, device)
     for i in with_bwd:
         row, flops = runs[i][0], runs[i][3]
         t_bwd, reps = bwd[i]
@@ -355,8 +345,6 @@ def _measure_all(runs, cfg, device, probe, peak, bar=None) -> None:
             fwdbwd_peak_fraction=3 * flops / t_bwd / 1e9 / peak,
             fwdbwd_mem_bytes=measure_peak(bwd_fns[i], probe),
         )
-        tick(f"memory {row['name']}/{row['mode']} T={row['T']} forward+backward")
-    for i in with_bwd:
         for x in runs[i][2]:
             x.requires_grad_(False)
     for row, *_ in runs:
