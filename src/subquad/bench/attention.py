@@ -26,9 +26,9 @@ referenced span in retrieval heads, one diagonal in copy heads, sink columns in 
 random scores, the kind of pattern
 the estimators are built for; on unstructured random inputs no sparse mask can be accurate and
 the errors would say nothing. Timings are medians over ``repeats`` after a warmup; all ratios come
-from this one run. Each method is timed in interleaved rounds together with the SDPA it is compared
-with (the exact methods at each T; the decode pair; every window, sparse and approximate method at
-``T`` with dense SDPA), so a slow spell of a shared machine lands on both sides of a ratio.
+from this one run. Each method is timed over repeated calls of its own, except the decode pair:
+SDPA and ``attention_decode`` (a few ms each, small buffers) alternate in interleaved rounds, so a
+slow spell of a shared machine lands on both sides of that ratio.
 """
 
 from __future__ import annotations
@@ -207,11 +207,12 @@ def _fwd_bwd(fn, leaves):
     return run
 
 
-def _timed_group(fns: dict, leaves, cfg, status=None) -> dict:
-    """``{name: {"fwd_s", "fwdbwd_s"}}``: forward (no grad) and forward+backward medians of each
-    ``fn() -> o`` in ``fns``, timed in interleaved rounds (``time_interleaved``), so SDPA and the
-    methods compared with it see the same spells of a shared machine. ``status(text)`` is told
-    each finished round."""
+def _timed(fn, leaves, cfg, status=None) -> dict:
+    """``{"fwd_s", "fwdbwd_s"}``: forward (no grad) and forward+backward medians of ``fn() -> o``,
+    each over repeated calls of this one method. (Timing several methods in interleaved rounds was
+    tried and dropped: a call made right after other methods pays for their cache and allocator
+    state, a systematic cost that repeated calls of one method, as in training, do not pay; see
+    ``bench.speed``.) ``status(text)`` is told each finished round."""
     cpu = torch.device("cpu")
     phase = {"name": "fwd", "round": 0}
 
@@ -221,18 +222,15 @@ def _timed_group(fns: dict, leaves, cfg, status=None) -> dict:
         phase["round"] += 1
 
     with torch.no_grad():
-        fwd = time_interleaved(fns, cfg.repeats, cpu, on_round)
-    rows = {name: {"fwd_s": fwd[name][0]} for name in fns}
+        row = {"fwd_s": time_interleaved({0: fn}, cfg.repeats, cpu, on_round)[0][0]}
     if cfg.backward:
         phase.update(name="fwd+bwd", round=0)
         for x in leaves:
             x.requires_grad_(True)
-        bwd = time_interleaved({n: _fwd_bwd(fn, leaves) for n, fn in fns.items()}, cfg.repeats, cpu, on_round)
+        row["fwdbwd_s"] = time_interleaved({0: _fwd_bwd(fn, leaves)}, cfg.repeats, cpu, on_round)[0][0]
         for x in leaves:
             x.requires_grad_(False)
-        for name in fns:
-            rows[name]["fwdbwd_s"] = bwd[name][0]
-    return rows
+    return row
 
 
 def _sdpa(q, k, v, causal=True):
@@ -279,9 +277,10 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
             "attention": lambda q=q, k=k, v=v: attention(q, k, v),
             OWN_TILING: lambda q=q, k=k, v=v: _own(attention, q, k, v),
         }
-        timed = _timed_group(fns, [q, k, v], cfg, lambda text, T=T: status(f"exact T={T} {text}"))
-        for name in fns:
-            rows.append({"section": "exact", "method": name, "T": T, **timed[name]})
+        for name, fn in fns.items():
+            label = f"exact T={T} {name}"
+            timed = _timed(fn, [q, k, v], cfg, lambda text, label=label: status(f"{label} {text}"))
+            rows.append({"section": "exact", "method": name, "T": T, **timed})
         step(f"exact T={T}")
     for T in cfg.memory_lens:
         q, k, v = structured_qkv(T, heads=cfg.heads, head_dim=cfg.head_dim, seed=cfg.seed)
@@ -334,8 +333,7 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
     q, k, v = structured_qkv(T, heads=cfg.heads, head_dim=cfg.head_dim, seed=cfg.seed)
     with torch.no_grad():
         full = _sdpa(q, k, v)
-    # every method at T is timed in one interleaved group with dense SDPA (its ratios' baseline);
-    # the mask estimators are timed on their own first
+    # the mask estimators first, then dense SDPA (the ratios' baseline) and every method at T
     masks = {}
     for name, kwargs in cfg.estimators.items():
         est = ESTIMATORS[name]
@@ -361,7 +359,7 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
         for _ in range(5):
             mu = update_centroids(mu, q, k, decay=0.0)
 
-    group: dict[tuple[str, str], tuple[dict, Any]] = {("dense", "sdpa"): ({}, lambda: _sdpa(q, k, v))}
+    methods: dict[tuple[str, str], tuple[dict, Any]] = {("dense", "sdpa"): ({}, lambda: _sdpa(q, k, v))}
     # the plain window (what the speed target names) and with StreamingLLM's 4 sink keys
     # (and the plain window by this library's own span loop, torch's fused kernel off)
     for sinks, own in ((0, False), (4, False), (0, True)):
@@ -369,24 +367,23 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
         fn = (lambda fn=fn: _own(fn)) if own else fn
         name = (OWN_TILING if own else "attention") + f" window={cfg.window}"
         name += f" sinks={sinks}" if sinks else ""
-        group[("window", name)] = ({}, fn)
+        methods[("window", name)] = ({}, fn)
     for name, (mask, t_est, kwargs) in masks.items():
         fn = lambda mask=mask: attention(q, k, v, block_mask=mask, chunk_size=b)  # noqa: E731
         fn = (lambda fn=fn: _own(fn)) if name.endswith(OWN_TILING) else fn
         extra = {"settings": kwargs, "density": mask_density(mask), "estimate_s": t_est}
-        group[("sparse", name)] = (extra, fn)
-    group[("approx", "hyper")] = (
+        methods[("sparse", name)] = (extra, fn)
+    methods[("approx", "hyper")] = (
         {"settings": dict(cfg.hyper)},
         lambda: hyper_attention(q, k, v, **cfg.hyper),
     )
-    group[("approx", "routing")] = (
+    methods[("approx", "routing")] = (
         {"settings": {"clusters": cfg.routing_clusters}},
         lambda: routing_attention(q, k, v, mu),
     )
-    fns = {key: fn for key, (_, fn) in group.items()}
-    timed = _timed_group(fns, [q, k, v], cfg, lambda text: status(f"T={T}, {len(fns)} methods: {text}"))
-    for (section, name), (extra, fn) in group.items():
-        row = {"section": section, "method": name, "T": T, **extra, **timed[(section, name)]}
+    for (section, name), (extra, fn) in methods.items():
+        timed = _timed(fn, [q, k, v], cfg, lambda text, name=name: status(f"T={T} {name} {text}"))
+        row = {"section": section, "method": name, "T": T, **extra, **timed}
         if section != "dense":
             with torch.no_grad():
                 row["rel_err"] = _rel_err(fn(), full)
