@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import platform
 import re
@@ -25,7 +26,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
 def git_commit() -> str | None:
+    """The checkout's HEAD, read once per process (at the first call, a run's start), so every part
+    of a long run (``bench all``) names the same commit even if HEAD moves while it runs."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         out = subprocess.run(
