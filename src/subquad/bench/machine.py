@@ -47,6 +47,30 @@ def load_average() -> list[float] | None:
         return None
 
 
+#: PyTorch's switch for 2 MB transparent huge pages on CPU buffers of 2 MB and more; read by the
+#: allocator once, at the process's first allocation, so it must be in the environment at start
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+
+
+def huge_pages() -> dict:
+    """The allocator's huge-page setting: ``THP_MEM_ALLOC_ENABLE`` as this process has it, and the
+    kernel's mode (``always`` / ``madvise`` / ``never``; PyTorch's switch works with the first two)."""
+    mode = None
+    with contextlib.suppress(OSError), open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        found = re.search(r"\[(\w+)\]", f.read())
+        mode = found.group(1) if found else None
+    return {"env": os.environ.get(THP_ENV), "kernel": mode}
+
+
+def huge_pages_label(info: dict) -> str:
+    """``machine_info``'s huge-page setting in words, for report lines (older runs lack it)."""
+    hp = info.get("huge_pages")
+    if not hp:
+        return "huge pages not recorded"
+    on = hp.get("env") not in (None, "", "0") and hp.get("kernel") in ("always", "madvise")
+    return f"huge pages {'on' if on else 'off'} ({THP_ENV}={hp.get('env')}, kernel {hp.get('kernel')})"
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "cpu": cpu_model(),
@@ -58,6 +82,7 @@ def machine_info(device: torch.device) -> dict:
         "platform": platform.platform(),
         "git_commit": git_commit(),
         "device": str(device),
+        "huge_pages": huge_pages(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
