@@ -31,21 +31,23 @@ def test_bench_speed_bad_option_is_a_clear_error(tmp_path, capsys):
     assert "dtype" in capsys.readouterr().err
 
 
-def test_bench_from_the_shell_runs_with_huge_pages(tmp_path):
-    """``subquad bench ...`` typed in a shell reruns itself with PyTorch's huge-page switch unless
-    the variable is set; the setting is recorded with the results and named in the table."""
+def test_bench_from_the_shell_reruns_with_kept_buffers(tmp_path):
+    """``subquad bench ...`` typed in a shell reruns itself with glibc malloc keeping freed buffers,
+    unless SUBQUAD_BENCH_ALLOCATOR is set; the setting is recorded with the results and named."""
     import os
+    import platform
     import subprocess
     import sys
 
-    from subquad.bench.machine import THP_ENV, huge_pages, huge_pages_label
+    from subquad.bench.machine import ALLOCATOR_ENV, BENCH_TUNABLES, allocator_label
 
     args = ["bench", "speed", "--quick", "--seq-lens", "16", "--heads", "1", "--head-dim", "4"]
     args += ["--ops", "gla", "--modes", "chunk", "--no-backward", "--repeats", "1", "--no-progress"]
-    env = {k: v for k, v in os.environ.items() if k != THP_ENV}
-    for setting, expected in ((None, "1"), ("0", "0")):
+    env = {k: v for k, v in os.environ.items() if k not in (ALLOCATOR_ENV, "GLIBC_TUNABLES")}
+    glibc = platform.libc_ver()[0] == "glibc"
+    for setting in (None, "system"):
         out = tmp_path / str(setting)
-        run_env = env if setting is None else {**env, THP_ENV: setting}
+        run_env = env if setting is None else {**env, ALLOCATOR_ENV: setting}
         script = "import sys; from subquad.cli import main; sys.argv = ['subquad', *sys.argv[1:]]; main()"
         proc = subprocess.run(
             [sys.executable, "-c", script, *args, "--out", str(out)],
@@ -53,17 +55,55 @@ def test_bench_from_the_shell_runs_with_huge_pages(tmp_path):
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         machine = json.loads((out / "speed.json").read_text())["machine"]
-        if setting is None and huge_pages()["kernel"] not in ("always", "madvise"):
-            expected = None  # nothing to gain: no rerun
-        assert machine["huge_pages"]["env"] == expected
-        assert huge_pages_label(machine) in proc.stdout
+        kept = setting is None and glibc
+        assert (machine["allocator"]["glibc_tunables"] == BENCH_TUNABLES) == kept
+        assert machine["allocator"]["bench_allocator"] == ("keep" if kept else setting)
+        assert allocator_label(machine) in proc.stdout
+        assert ("kept for reuse" in allocator_label(machine)) == kept
 
 
-def test_huge_pages_label():
-    from subquad.bench.machine import huge_pages_label
+def test_bench_tunables_take_effect():
+    """The tunables string is one glibc reads: with it a 64 MB tensor comes from the heap (no
+    mmapped bytes in ``mallinfo2``), without it from its own mapping."""
+    import ctypes
+    import os
+    import platform
+    import subprocess
+    import sys
 
-    assert huge_pages_label({}) == "huge pages not recorded"
-    on = huge_pages_label({"huge_pages": {"env": "1", "kernel": "madvise"}})
-    assert on.startswith("huge pages on")
-    assert huge_pages_label({"huge_pages": {"env": "1", "kernel": "never"}}).startswith("huge pages off")
-    assert huge_pages_label({"huge_pages": {"env": "0", "kernel": "always"}}).startswith("huge pages off")
+    import pytest
+
+    from subquad.bench.machine import BENCH_TUNABLES
+
+    if platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    script = (
+        "import ctypes, torch\n"
+        "class M(ctypes.Structure): _fields_ = [(n, ctypes.c_size_t) for n in "
+        "('arena','ordblks','smblks','hblks','hblkhd','usmblks','fsmblks','uordblks','fordblks','keepcost')]\n"
+        "f = ctypes.CDLL('libc.so.6').mallinfo2; f.restype = M\n"
+        "x = torch.empty(1 << 24); x.fill_(1.0)\n"
+        "print(f().hblkhd)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    mapped = {}
+    for name, run_env in (("default", env), ("bench", {**env, "GLIBC_TUNABLES": BENCH_TUNABLES})):
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        mapped[name] = int(proc.stdout.split()[-1])
+    assert mapped["default"] >= 1 << 26 and mapped["bench"] == 0, mapped
+
+
+def test_allocator_label():
+    from subquad.bench.machine import BENCH_TUNABLES, allocator_label
+
+    assert allocator_label({}) == "allocator not recorded"
+    kept = allocator_label({"allocator": {"glibc_tunables": BENCH_TUNABLES}})
+    assert "kept for reuse" in kept
+    assert "defaults" in allocator_label({"allocator": {"glibc_tunables": None}})

@@ -492,27 +492,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rerun_with_huge_pages(argv: list[str] | None) -> None:
-    """Run a ``bench`` command from the shell again, in a fresh process with PyTorch's huge-page
-    switch on (``THP_MEM_ALLOC_ENABLE=1``), unless the variable is already set (set it to 0 to
-    measure without). The allocator reads it once, at the process's first allocation, so it cannot
-    be turned on from here. With it, a fresh buffer of 2 MB or more is backed by 2 MB pages: filling
-    a new 134 MB tensor took 10 ms instead of 36 ms on the 2-core VM of docs/ (first-touch page
-    faults), a cost that otherwise grows every op's time with T and makes timings of long inputs
-    vary. Calls from Python (``argv`` given, as in tests) run as they are."""
-    from subquad.bench.machine import THP_ENV, huge_pages
+def _rerun_with_kept_buffers(argv: list[str] | None) -> None:
+    """Run a ``bench`` command typed in a shell again, in a fresh process whose glibc malloc keeps
+    freed buffers for reuse (``bench.machine.BENCH_TUNABLES``; malloc reads its settings at process
+    start, so they cannot be changed from here). Without it, timings of long inputs include
+    first-touch page faults on buffers over 32 MB at every call, which grew per-token times with T.
+    ``SUBQUAD_BENCH_ALLOCATOR=system`` keeps the allocator as it is; calls from Python (``argv``
+    given, as in tests) run as they are."""
+    import platform
 
-    if argv is not None or sys.argv[1:2] != ["bench"] or THP_ENV in os.environ or os.name != "posix":
+    from subquad.bench.machine import ALLOCATOR_ENV, BENCH_TUNABLES
+
+    if argv is not None or sys.argv[1:2] != ["bench"] or ALLOCATOR_ENV in os.environ:
         return
-    if huge_pages()["kernel"] not in ("always", "madvise"):
+    if os.name != "posix" or platform.libc_ver()[0] != "glibc":
         return
+    tunables = ":".join(x for x in (os.environ.get("GLIBC_TUNABLES"), BENCH_TUNABLES) if x)
+    env = {**os.environ, ALLOCATOR_ENV: "keep", "GLIBC_TUNABLES": tunables}
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "subquad", *sys.argv[1:]], {**os.environ, THP_ENV: "1"})
+    os.execve(sys.executable, [sys.executable, "-m", "subquad", *sys.argv[1:]], env)
 
 
 def main(argv: list[str] | None = None) -> int:
-    _rerun_with_huge_pages(argv)
+    _rerun_with_kept_buffers(argv)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from subquad.bench.machine import huge_pages_label, machine_info
+from subquad.bench.machine import allocator_label, machine_info
 from subquad.bench.task_report import _mean
 
 PARTS = ("recall", "state", "lm", "speed", "decode")
@@ -472,7 +472,7 @@ def report(results: dict, out: str | os.PathLike) -> str:
         f"# subquad bench all — preset `{results['preset']}`",
         "",
         f"Run {results['utc']}, commit {m.get('git_commit')}, {m.get('cpu')} ({m.get('cores')} cores, "
-        f"{m.get('torch_threads')} torch threads), torch {m.get('torch')}, {huge_pages_label(m)}. "
+        f"{m.get('torch_threads')} torch threads), torch {m.get('torch')}, {allocator_label(m)}. "
         "Every number below is read "
         "from `results.json` in this folder. Wall time per part: "
         + ", ".join(f"{p} {s / 60:.1f} min" for p, s in results.get("wall_s", {}).items())

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from subquad.bench.machine import PeakMemory, huge_pages_label, load_average, machine_info, measure_peak
+from subquad.bench.machine import PeakMemory, allocator_label, load_average, machine_info, measure_peak
 from subquad.bench.speed import _time as time_median
 from subquad.bench.speed import time_interleaved
 from subquad.ops import attention, attention_decode, hyper_attention, routing_attention
@@ -431,7 +431,7 @@ def format_table(result: dict) -> str:
     m = result["machine"]
     out = [
         f"# subquad bench attention\n\nfloat32, B=1, H={cfg['heads']}, D={cfg['head_dim']}, "
-        f"{m['torch_threads']} threads on {m['cpu']}, torch {m['torch']}, {huge_pages_label(m)}, "
+        f"{m['torch_threads']} threads on {m['cpu']}, torch {m['torch']}, {allocator_label(m)}, "
         f"commit {m.get('git_commit')}; "
         f"load average before the run {result.get('load_average')}. Medians of {cfg['repeats']} repeats.\n",
         "## Exact causal attention vs SDPA\n",

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 import torch
 from tqdm.auto import tqdm
 
-from subquad.bench.machine import PeakMemory, huge_pages_label, load_average, machine_info, results_dir
+from subquad.bench.machine import PeakMemory, allocator_label, load_average, machine_info, results_dir
 from subquad.models import SubquadConfig, SubquadForCausalLM, expand_pattern
 
 
@@ -212,7 +212,7 @@ def format_table(result: dict) -> str:
     m = result["machine"]
     lines.append(
         f"\n{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}, load {result['load_average']}, "
-        f"{huge_pages_label(m)}; "
+        f"{allocator_label(m)}; "
         f"batch {result['config']['batch']}, {result['config']['dtype']}, median of "
         f"{result['config']['steps']} decode steps; 'vs L0': latency / latency at the shortest context"
     )

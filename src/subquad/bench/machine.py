@@ -47,28 +47,41 @@ def load_average() -> list[float] | None:
         return None
 
 
-#: PyTorch's switch for 2 MB transparent huge pages on CPU buffers of 2 MB and more; read by the
-#: allocator once, at the process's first allocation, so it must be in the environment at start
-THP_ENV = "THP_MEM_ALLOC_ENABLE"
+#: The allocator setting bench commands typed in a shell run with (see ``subquad.cli``): glibc's
+#: malloc takes every buffer from its heap (``mmap_max=0``) and keeps freed heap (``trim_threshold``
+#: 1 TiB), so a buffer freed by one call is reused by the next, as a caching allocator does. By
+#: default glibc maps each buffer over its threshold (at most 32 MB) afresh and unmaps it when freed,
+#: so every call on long inputs pays first-touch page faults on its large outputs again: filling a new
+#: 134 MB tensor took 29 ms that way against 5 ms in reused heap on the 2-core VM of docs/.
+ALLOCATOR_ENV = "SUBQUAD_BENCH_ALLOCATOR"
+BENCH_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
 
 
-def huge_pages() -> dict:
-    """The allocator's huge-page setting: ``THP_MEM_ALLOC_ENABLE`` as this process has it, and the
-    kernel's mode (``always`` / ``madvise`` / ``never``; PyTorch's switch works with the first two)."""
+def allocator_info() -> dict:
+    """How this process's allocator is set: the C library, ``GLIBC_TUNABLES``, the bench setting
+    (``keep``: rerun with ``BENCH_TUNABLES``; ``system``: left as it is), and PyTorch's huge-page
+    switch ``THP_MEM_ALLOC_ENABLE`` with the kernel's mode."""
     mode = None
     with contextlib.suppress(OSError), open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
         found = re.search(r"\[(\w+)\]", f.read())
         mode = found.group(1) if found else None
-    return {"env": os.environ.get(THP_ENV), "kernel": mode}
+    return {
+        "libc": " ".join(platform.libc_ver()).strip() or None,
+        "bench_allocator": os.environ.get(ALLOCATOR_ENV),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "thp_kernel": mode,
+    }
 
 
-def huge_pages_label(info: dict) -> str:
-    """``machine_info``'s huge-page setting in words, for report lines (older runs lack it)."""
-    hp = info.get("huge_pages")
-    if not hp:
-        return "huge pages not recorded"
-    on = hp.get("env") not in (None, "", "0") and hp.get("kernel") in ("always", "madvise")
-    return f"huge pages {'on' if on else 'off'} ({THP_ENV}={hp.get('env')}, kernel {hp.get('kernel')})"
+def allocator_label(info: dict) -> str:
+    """``machine_info``'s allocator setting in words, for report lines (older runs lack it)."""
+    a = info.get("allocator")
+    if not a:
+        return "allocator not recorded"
+    keeps = BENCH_TUNABLES in (a.get("glibc_tunables") or "")
+    text = "freed buffers kept for reuse (GLIBC_TUNABLES)" if keeps else "system allocator defaults"
+    return f"allocator: {text}"
 
 
 def machine_info(device: torch.device) -> dict:
@@ -82,7 +95,7 @@ def machine_info(device: torch.device) -> dict:
         "platform": platform.platform(),
         "git_commit": git_commit(),
         "device": str(device),
-        "huge_pages": huge_pages(),
+        "allocator": allocator_info(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

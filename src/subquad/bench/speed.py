@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from subquad.bench.machine import (
     PeakMemory,
-    huge_pages_label,
+    allocator_label,
     load_average,
     machine_info,
     matmul_peak_gflops,
@@ -404,7 +404,7 @@ def format_table(result: dict) -> str:
     lines.append(
         f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"matmul peak {m['matmul_peak_gflops']:.1f} GFLOP/s ({result['config']['dtype']}), "
-        f"load {m['load_average_before']} -> {m['load_average_after']}, {huge_pages_label(m)}, "
+        f"load {m['load_average_before']} -> {m['load_average_after']}, {allocator_label(m)}, "
         f"commit {str(m['git_commit'])[:10]}"
     )
     return "\n".join(lines)
