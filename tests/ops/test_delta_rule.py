@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,3 +87,39 @@ def test_million_tokens_stay_finite_and_agree(gated):
         assert_pieces_agree(gated_delta_rule, (q, k, v, g, beta), T, piece)
     else:
         assert_pieces_agree(delta_rule, (q, k, v, beta), T, piece)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gated_chunk_rescales_the_carried_state(grad, dtype):
+    """The gated chunk pass carries S = f S~ and rescales S~ when f would fall below
+    exp(-RESCALE_SPAN) for a head: with chunks that rescale and chunks that do not, the chunk
+    form (forward without and with autograd, and its gradients) still equals the reference."""
+    chunk = importlib.import_module("subquad.ops.delta_rule.chunk")
+    B, T, H, C = 2, 150, 3, 8
+    q, k, v, S0 = _inputs(B=B, T=T, H=H, K=5, V=4, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 2
+    # up to 0.8 nats per token for 100 tokens, then up to 20; the heads at 1, 1/2 and 1/10 of that
+    rate = torch.where(torch.arange(T) < 100, 0.8, 20.0).view(1, T, 1) * torch.tensor([1.0, 0.5, 0.1])
+    g = -torch.rand(B, T, H, generator=gen, dtype=torch.float64) * rate
+    # the chunks' log-decays [n, B, H] as the pass sees them (one segment at this size)
+    offsets = chunk._StateOffsets(F.pad(g, (0, 0, 0, -T % C)).view(B, -1, C, H).sum(2).transpose(0, 1))
+    assert any(offsets.rescale) and not all(offsets.rescale)
+    ref = gated_delta_rule(q, k, v, g, beta, mode="reference", initial_state=S0, output_final_state=True)
+    inputs = [x.to(dtype).requires_grad_(grad) for x in (q, k, v, g, beta, S0)]
+    with torch.set_grad_enabled(grad):
+        o, S = gated_delta_rule(
+            *inputs[:5], mode="chunk", initial_state=inputs[5], output_final_state=True, chunk_size=C
+        )
+    assert_close(o, ref[0], dtype, name="output")
+    assert_close(S, ref[1], dtype, name="final state")
+    if grad:
+        ws = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in ref]
+        ref_in = [x.detach().requires_grad_() for x in (q, k, v, g, beta, S0)]
+        r = gated_delta_rule(*ref_in[:5], mode="reference", initial_state=ref_in[5], output_final_state=True)
+        want = torch.autograd.grad(sum((a * w).sum() for a, w in zip(r, ws, strict=True)), ref_in)
+        loss = sum((a.double() * w).sum() for a, w in zip((o, S), ws, strict=True))
+        got = torch.autograd.grad(loss, inputs)
+        for name, a, b in zip(["q", "k", "v", "g", "beta", "S0"], got, want, strict=True):
+            assert_close(a, b, dtype, name=f"d{name}")
