@@ -66,7 +66,9 @@ def test_window_paths_match_the_reference_with_gradients(T, causal, sinks, path,
         monkeypatch.setattr(window_mod, "_FLASH", None)
     # the fused kernel needs the value head size to equal the key's (else the span loop runs)
     q, k, v = (x.requires_grad_(True) for x in _qkv(T=T, Hk=2, V=8 if path == "fused" else 6))
-    for window in (5, 12, T // 2 + 1):  # spans (window < and > the block), then the key-block walk
+    # spans (window < and > the block; at 8 and 16 the fused path's first blocks are plain causal
+    # attention), then the key-block walk
+    for window in (5, 8, 12, 16, T // 2 + 1):
         _check_with_gradients(q, k, v, f"window {window}", causal=causal, window=window, sinks=sinks)
 
 
