@@ -175,7 +175,8 @@ def _delta_state_pass(
     Per chunk: ``Delta = U - W S~`` and ``S~ <- S~ + K_out^T Delta``, two small gemms, with the
     state rescaled at the chunks ``offsets`` names (gated only). Returns the corrections
     ``[n, B*H, C, V]``, ``Q_out S~`` with ``S~`` the state entering each chunk ``[n, B*H, C, V]``
-    (unscaled), and the true state leaving the segment ``[B, H, K, V]``.
+    (unscaled), and the true state leaving the segment ``[B, H, K, V]``. Without autograd the
+    corrections are written over U.
     """
     n, B, H, C, V = U.shape
     K = W.shape[-1]
@@ -198,9 +199,9 @@ def _delta_state_pass(
         if offsets is not None:
             S3 = S3 * f_end
         return torch.stack(deltas), QS, S3.view(B, H, K, V)
-    # without autograd every step works in place: Delta starts as U, the state is one buffer, and
+    # without autograd every step works in place: Delta is U's buffer, the state is one buffer, and
     # each chunk's queries read the state while it is the one entering that chunk
-    Delta = Uc.clone()
+    Delta = Uc  # U is this pass's own buffer (the UT transform's product), updated in place
     QS = torch.empty_like(Uc)
     S3 = S3.clone()
     d_i, qs_i, w_i, k_i, q_i = Delta.unbind(0), QS.unbind(0), Wc.unbind(0), kT.unbind(0), Qc.unbind(0)
