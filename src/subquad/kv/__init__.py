@@ -76,7 +76,8 @@ def compress(
     def swap_in(module, args, kwargs):
         if kwargs.get("use_cache") is False:
             return None
-        name = "cache" if "cache" in kwargs else "past_key_values"
+        # transformers 5.24 names the argument `cache` (`past_key_values` is deprecated there)
+        name = "past_key_values" if "past_key_values" in kwargs else "cache"
         current = kwargs.get(name)
         if current is None or (type(current) is DynamicCache and current.get_seq_length() == 0):
             press.last_cache = CompressedCache(num_layers=num_layers, policy=policy, **press.cache_kwargs)
