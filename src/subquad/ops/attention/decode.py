@@ -60,6 +60,11 @@ def weighted_rows(vb, w, cd):
     return F.embedding_bag(idx.reshape(-1), table, offsets, mode="sum", per_sample_weights=w.reshape(-1))
 
 
+def _split_keys(k_cache, b, lo, hi, cd):
+    """Keys ``lo .. hi`` of sequence b as ``[c, Hk, 1, K]`` (a view for caches in ``cd``)."""
+    return k_cache[b, lo:hi].to(cd).unsqueeze(2)
+
+
 def decode_attention(q, k_cache, v_cache, lengths, scale, num_splits):
     """q ``[B, H, K]``; caches ``[B, S, Hk, D]``; lengths: list of B valid lengths or None;
     num_splits: int or None (automatic). Returns ``o [B, H, V]`` and ``lse [B, H]`` (compute dtype)."""
@@ -69,30 +74,38 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, num_splits):
     G = H // Hk
     cd = state_dtype(q.dtype)
     qg = (q.to(cd) * scale).view(B, 1, Hk, G, K)
+    # under autograd the same steps run without out= buffers and in-place updates
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_cache, v_cache))
     outs, lses = [], []
     for b in range(B):
         n = k_cache.shape[1] if lengths is None else lengths[b]
         c = split_size(n, Hk * G * max(K, V), num_splits)
         P = -(-n // c)
-        buf = torch.empty(c, Hk, G, K, dtype=cd, device=q.device)
         # 1. scores of every split; rows past n (the last split's padding) stay -inf
-        s = torch.full((P * c, Hk, G), float("-inf"), dtype=cd, device=q.device)
-        for lo in range(0, n, c):
-            hi = min(lo + c, n)
-            kb = k_cache[b, lo:hi].to(cd).unsqueeze(2)  # [c, Hk, 1, K], a view for float32 caches
-            prod = torch.mul(kb, qg[b], out=buf[: hi - lo])
-            torch.sum(prod, -1, out=s[lo:hi])
+        pad = torch.full((P * c - n, Hk, G), float("-inf"), dtype=cd, device=q.device)
+        if grad:
+            parts = [
+                (_split_keys(k_cache, b, lo, min(lo + c, n), cd) * qg[b]).sum(-1) for lo in range(0, n, c)
+            ]
+            s = torch.cat([*parts, pad])
+        else:
+            buf = torch.empty(c, Hk, G, K, dtype=cd, device=q.device)
+            s = torch.cat([torch.empty(n, Hk, G, dtype=cd, device=q.device), pad])
+            for lo in range(0, n, c):
+                hi = min(lo + c, n)
+                prod = torch.mul(_split_keys(k_cache, b, lo, hi, cd), qg[b], out=buf[: hi - lo])
+                torch.sum(prod, -1, out=s[lo:hi])
         # 2. each split's softmax partials, all splits at once
         s = s.view(P, c, H)
-        m = s.amax(1, keepdim=True)  # [P, 1, H]
-        e = exp_fast(s.sub_(m))  # the padding rows give exactly 0
+        m = s.detach().amax(1, keepdim=True)  # [P, 1, H]; a shift, so no gradient flows through it
+        e = torch.exp(s - m) if grad else exp_fast(s.sub_(m))  # the padding rows give exactly 0
         l = e.sum(1)  # [P, H]
         # 3. each split's weighted values, one weighted row sum per query head (embedding_bag)
         w = e.view(P, c, Hk, G).permute(0, 2, 3, 1).contiguous()  # [P, Hk, G, c]
-        po = torch.empty(P, H, V, dtype=cd, device=q.device)
-        for p, lo in enumerate(range(0, n, c)):
-            hi = min(lo + c, n)
-            po[p] = weighted_rows(v_cache[b, lo:hi], w[p, ..., : hi - lo], cd)
+        ranges = [(lo, min(lo + c, n)) for lo in range(0, n, c)]
+        po = torch.stack(
+            [weighted_rows(v_cache[b, lo:hi], w[p, ..., : hi - lo], cd) for p, (lo, hi) in enumerate(ranges)]
+        )
         po = po / l.unsqueeze(-1)
         pl = m.squeeze(1) + torch.log(l)  # [P, H]
         # 4. merge the splits by their log-sum-exps
