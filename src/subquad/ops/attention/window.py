@@ -270,7 +270,6 @@ _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 FLASH_BLOCK = 64
 # the spans read head-major copies of k and v, made REGION_ELEMENTS values at a time (8 MB in
 # float32: 4K tokens at H * D = 512, so the copies overlap by the window once per 4K tokens)
-HEAD_MAJOR_SPANS = True
 REGION_ELEMENTS = 1 << 21
 # values per span tensor in one kernel call (4 MB in float32; see _BandPlan.groups)
 GROUP_ELEMENTS = 1 << 20
@@ -371,10 +370,6 @@ class _BandPlan:
         """Interior query blocks of ``x [T, H, D]`` as a view ``[n, H, b, D]``."""
         return self._view(x, self.first * self.b, self.b)
 
-    def spans(self, x):
-        """Interior key spans of ``x [T, H, D]`` as overlapping views ``[n, H, L, D]``."""
-        return self._view(x, self.first * self.b - self.P, self.L)
-
     def head_major_spans(self, x, g0, g1, region):
         """Spans of interior blocks ``g0 .. g1`` as views ``[g1 - g0, H, L, D]`` into a head-major
         copy of rows of ``x [T, H, D]``. ``region``: a list holding the last call's
@@ -421,13 +416,10 @@ def _flash_forward(q, k, v, plan, scale):
     for bi in range(B):
         qv, k_region, v_region = plan.queries(q[bi]), [], []
         for g0, g1 in plan.groups(H, k.shape[-1]):
-            if HEAD_MAJOR_SPANS:
-                # spans as contiguous [L, D] runs per head of head-major copies, instead of L rows
-                # strided by H * D in the inputs
-                ks = plan.head_major_spans(k[bi], g0, g1, k_region)
-                vs = plan.head_major_spans(v[bi], g0, g1, v_region)
-            else:
-                ks, vs = plan.spans(k[bi])[g0:g1], plan.spans(v[bi])[g0:g1]
+            # spans as contiguous [L, D] runs per head of head-major copies, instead of L rows
+            # strided by H * D in the inputs
+            ks = plan.head_major_spans(k[bi], g0, g1, k_region)
+            vs = plan.head_major_spans(v[bi], g0, g1, v_region)
             ob, lb = _FLASH(qv[g0:g1], ks, vs, attn_mask=plan.mask, scale=scale)
             del ks, vs  # views of the copies: a new copy may replace them next
             rows = slice((first + g0) * b, (first + g1) * b)

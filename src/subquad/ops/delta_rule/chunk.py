@@ -98,7 +98,7 @@ def chunk_delta_rule(
             bc = b64 if -float(b64[..., -1].detach().min()) > SAFE_SPAN else b64.to(cd)
             # exp(b_i - b_j) masked to j <= i; exponents <= 0
             decay_qk = exp_fast(torch.where(mask, bc.unsqueeze(-1) - bc.unsqueeze(-2), float("-inf")).to(cd))
-            # the state is carried as S = f_i S~ (see _state_offsets), so the chunk's decays absorb f
+            # the state is carried as S = f_i S~ (see _StateOffsets), so the chunk's decays absorb f
             offsets = _StateOffsets(b64[..., -1])
             e = offsets.log_f.unsqueeze(-1)  # [n + 1, B, H, 1]
             decay_q = (b64 + e[:-1]).exp().to(cd).unsqueeze(-1)  # f_i exp(b_t), exponents <= 0
