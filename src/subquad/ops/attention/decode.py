@@ -27,6 +27,8 @@ The partials are merged by their log-sum-exps ``lse_p = m_p + log l_p``:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -52,12 +54,19 @@ def weighted_rows(vb, w, cd):
     contiguous cache. At a 64K-token cache (H = 8, V = 64) it took 9 ms where the product buffer
     and its sum took 15 ms (Intel Xeon VM, interleaved in one process)."""
     c, Hk, V = vb.shape
-    G = w.shape[1]
+    idx, offsets = _bags(c, Hk, w.shape[1], vb.device)
     table = vb.to(cd).reshape(c * Hk, V)
-    j = torch.arange(c, device=vb.device) * Hk
-    idx = (j.view(1, 1, c) + torch.arange(Hk, device=vb.device).view(Hk, 1, 1)).expand(Hk, G, c)
-    offsets = torch.arange(Hk * G, device=vb.device) * c
-    return F.embedding_bag(idx.reshape(-1), table, offsets, mode="sum", per_sample_weights=w.reshape(-1))
+    return F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=w.reshape(-1))
+
+
+@functools.lru_cache(maxsize=16)
+def _bags(c, Hk, G, device):
+    """``weighted_rows``' bag indices (bag ``(h, g)`` holds rows ``j * Hk + h``, j < c) and
+    offsets, made once per split size: every full split of a call, and of the next decode steps,
+    reuses them."""
+    j = torch.arange(c, device=device) * Hk
+    idx = (j.view(1, 1, c) + torch.arange(Hk, device=device).view(Hk, 1, 1)).expand(Hk, G, c)
+    return idx.reshape(-1), torch.arange(Hk * G, device=device) * c
 
 
 def _split_keys(k_cache, b, lo, hi, cd):
@@ -82,15 +91,15 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, num_splits):
         c = split_size(n, Hk * G * max(K, V), num_splits)
         P = -(-n // c)
         # 1. scores of every split; rows past n (the last split's padding) stay -inf
-        pad = torch.full((P * c - n, Hk, G), float("-inf"), dtype=cd, device=q.device)
         if grad:
             parts = [
                 (_split_keys(k_cache, b, lo, min(lo + c, n), cd) * qg[b]).sum(-1) for lo in range(0, n, c)
             ]
-            s = torch.cat([*parts, pad])
+            s = torch.cat([*parts, torch.full((P * c - n, Hk, G), float("-inf"), dtype=cd, device=q.device)])
         else:
             buf = torch.empty(c, Hk, G, K, dtype=cd, device=q.device)
-            s = torch.cat([torch.empty(n, Hk, G, dtype=cd, device=q.device), pad])
+            s = torch.empty(P * c, Hk, G, dtype=cd, device=q.device)
+            s[n:].fill_(float("-inf"))
             for lo in range(0, n, c):
                 hi = min(lo + c, n)
                 prod = torch.mul(_split_keys(k_cache, b, lo, hi, cd), qg[b], out=buf[: hi - lo])
