@@ -193,6 +193,34 @@ def test_decode_step_matches_attention(num_splits, monkeypatch):
     assert_close(lse[1:], rl, F64, name="decode lse")
 
 
+@pytest.mark.parametrize("scores", ["onednn", "product"])
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_float32_decode_scores_match_float64(scores, num_splits, monkeypatch):
+    """A float32 cache: the whole-cache block-diagonal matmul scores (oneDNN) and the per-split
+    product buffer both give the float64 result, with grouped heads, per-sequence lengths, a
+    partial last split and a cache that is a strided view (its rows longer than Hk * K)."""
+    decode = importlib.import_module("subquad.ops.attention.decode")
+    taken = []
+    real = decode._block_scores
+    if scores == "product":
+        monkeypatch.setattr(decode, "_ONEDNN_LINEAR", None)
+    monkeypatch.setattr(decode, "_block_scores", lambda *a: taken.append(r := real(*a)) or r)
+    q, k, v = _qkv(B=2, T=30, H=6, Hk=2, K=8, V=8)
+    k = torch.cat([k, torch.randn_like(k[:, :, :1])], 2)[:, :, :2]  # time rows of 3 heads, 2 used
+    lens = torch.tensor([30, 17])
+    want = attention_decode(q[:, -1:], k, v, cache_seqlens=lens, num_splits=num_splits, return_lse=True)
+    taken.clear()  # float64 takes the product path
+    got = attention_decode(*(x.float() for x in (q[:, -1:], k, v)), cache_seqlens=lens,
+                           num_splits=num_splits, return_lse=True)  # fmt: skip
+    assert_close(got[0], want[0], torch.float32, name="o")
+    assert_close(got[1], want[1], torch.float32, name="lse")
+    used = [s is not None for s in taken]
+    if scores == "onednn" and decode._ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available():
+        assert used == [True, True]
+    else:
+        assert not any(used)
+
+
 def test_decode_step_gradients_match_attention():
     """Under autograd the decode step (many splits, a partial last one, per-sequence lengths) gives
     the gradients of the last row of causal attention over cache + token."""
