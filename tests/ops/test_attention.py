@@ -193,32 +193,44 @@ def test_decode_step_matches_attention(num_splits, monkeypatch):
     assert_close(lse[1:], rl, F64, name="decode lse")
 
 
-@pytest.mark.parametrize("scores", ["onednn", "product"])
+@pytest.mark.parametrize("path", ["kernel", "onednn", "product"])
 @pytest.mark.parametrize("num_splits", [None, 3])
-def test_float32_decode_scores_match_float64(scores, num_splits, monkeypatch):
-    """A float32 cache: the whole-cache block-diagonal matmul scores (oneDNN) and the per-split
-    product buffer both give the float64 result, with grouped heads, per-sequence lengths, a
-    partial last split and a cache that is a strided view (its rows longer than Hk * K)."""
+def test_float32_decode_paths_match_float64(path, num_splits, monkeypatch):
+    """A float32 cache: torch's fused kernel (short caches, no grouped heads), the whole-cache
+    block-diagonal matmul scores (oneDNN) and the per-split product buffer each give the float64
+    result, with per-sequence lengths, a partial last split and a cache that is a strided view
+    (its time rows longer than Hk * K)."""
     decode = importlib.import_module("subquad.ops.attention.decode")
-    taken = []
-    real = decode._block_scores
-    if scores == "product":
+    taken, calls = [], []
+    real_scores, real_flash = decode._block_scores, decode._FLASH
+    if path != "kernel":
+        monkeypatch.setattr(decode, "KERNEL_ELEMENTS", 0)
+    if path == "product":
         monkeypatch.setattr(decode, "_ONEDNN_LINEAR", None)
-    monkeypatch.setattr(decode, "_block_scores", lambda *a: taken.append(r := real(*a)) or r)
-    q, k, v = _qkv(B=2, T=30, H=6, Hk=2, K=8, V=8)
-    k = torch.cat([k, torch.randn_like(k[:, :, :1])], 2)[:, :, :2]  # time rows of 3 heads, 2 used
+    monkeypatch.setattr(decode, "_block_scores", lambda *a: taken.append(r := real_scores(*a)) or r)
+    monkeypatch.setattr(decode, "_FLASH", lambda *a, **kw: calls.append(1) or real_flash(*a, **kw))
+    Hk = 6 if path == "kernel" else 2
+    q, k, v = _qkv(B=2, T=30, H=6, Hk=Hk, K=8, V=8)
+    k = torch.cat([k, torch.randn_like(k[:, :, :1])], 2)[:, :, :Hk]  # time rows of Hk + 1 heads
     lens = torch.tensor([30, 17])
     want = attention_decode(q[:, -1:], k, v, cache_seqlens=lens, num_splits=num_splits, return_lse=True)
     taken.clear()  # float64 takes the product path
+    calls.clear()
     got = attention_decode(*(x.float() for x in (q[:, -1:], k, v)), cache_seqlens=lens,
                            num_splits=num_splits, return_lse=True)  # fmt: skip
     assert_close(got[0], want[0], torch.float32, name="o")
     assert_close(got[1], want[1], torch.float32, name="lse")
     used = [s is not None for s in taken]
-    if scores == "onednn" and decode._ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available():
-        assert used == [True, True]
-    else:
-        assert not any(used)
+    onednn = decode._ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available()
+    kernel = decode._FLASH is not None and path == "kernel" and num_splits is None
+    assert len(calls) == (2 if kernel else 0)
+    assert used == ([] if kernel else [path != "product" and onednn] * 2)
+    # without cache_seqlens the batch goes through the same path at once
+    want = attention_decode(q[:, -1:], k, v, num_splits=num_splits)
+    calls.clear()
+    got = attention_decode(*(x.float() for x in (q[:, -1:], k, v)), num_splits=num_splits)
+    assert_close(got, want, torch.float32, name="o, whole batch")
+    assert len(calls) == (1 if kernel else 0)
 
 
 def test_decode_step_gradients_match_attention():
