@@ -271,6 +271,9 @@ FLASH_BLOCK = 64
 # the spans read head-major copies of k and v, made REGION_ELEMENTS values at a time (8 MB in
 # float32: 4K tokens at H * D = 512, so the copies overlap by the window once per 4K tokens)
 REGION_ELEMENTS = 1 << 21
+# keys per span are rounded up to a multiple of this (the extra keys masked): the kernel's softmax
+# loops run in vectors of 8 floats and finish a row's remainder one exp at a time
+SPAN_ALIGN = 8
 # values per span tensor in one kernel call (4 MB in float32; see _BandPlan.groups)
 GROUP_ELEMENTS = 1 << 20
 
@@ -334,9 +337,10 @@ class _BandPlan:
         extra = allowed(i, j, causal, window, sinks, T) & ~allowed(i, j, causal, window, 0, T)
         self.sink_hidden = ~extra if bool(extra.any()) else None  # [T, s]
         self.nb = -(-T // b)
-        # the window's exact reach: a span need not start on a block boundary (it is a strided view)
-        self.P = window - 1
-        self.R = 0 if causal else self.P
+        # the window's reach, widened on the left by masked keys so that a span holds a multiple of
+        # SPAN_ALIGN keys (a span need not start on a block boundary: it is a strided view)
+        self.R = 0 if causal else window - 1
+        self.P = window - 1 + (-(window - 1 + b + self.R) % SPAN_ALIGN)
         self.L = self.P + b + self.R
         self.first = -(-self.P // b)  # first block whose span starts at or after key 0
         self.last = (T - self.R) // b - 1  # may be < first: no interior block
