@@ -176,20 +176,21 @@ def _probe_sums(q, k, L, scale):
     hidden = torch.ones(L, L - 1, dtype=torch.bool, device=q.device).triu()
     qs = q[:, T - L :].float() * scale
     kf = k.float()
+    # the probabilities sit after L zero columns: row l of the skewed view (row stride T + L + 1)
+    # reads pad[l, j + l], so column j = T - d sums row l's key T - L + l - d over l, the offset-d
+    # diagonal (keys before 0 read the zeros); one strided sum instead of L shifted adds
+    pad = torch.zeros(L, L + T, device=q.device)
+    skew = pad.as_strided((L, T), (L + T + 1, 1), 1)
     for bi in range(B):
         for h in range(H):
-            p = torch.mm(qs[bi, :, h], kf[bi, :, h // G].t())  # [L, T]
+            p = pad[:, L:]
+            torch.mm(qs[bi, :, h], kf[bi, :, h // G].t(), out=p)  # [L, T]
             if L > 1:
                 p[:, T - L + 1 :].masked_fill_(hidden, float("-inf"))
             p = exp_fast(p.sub_(p.amax(-1, keepdim=True)))
             p = p.div_(p.sum(-1, keepdim=True))
-            col[bi, h] = p.sum(0)
-            # row l at offset d reads key T - L + l - d: with the columns reversed, that is
-            # column d + L - 1 - l, so each row adds a shifted run of its reversed probabilities
-            pr = p.flip(-1)
-            for l in range(L):
-                s0 = L - 1 - l
-                diag[bi, h, : T - s0] += pr[l, s0:]
+            torch.sum(p, 0, out=col[bi, h])
+            diag[bi, h] = skew.sum(0).flip(0)
     return col, diag
 
 
