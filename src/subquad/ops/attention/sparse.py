@@ -80,15 +80,31 @@ class _Plan:
                 mask = None
                 cut_r, cut_s = cut[sl].nonzero(as_tuple=True)  # the cut (row, slot) pairs
                 if len(cut_r):
-                    qi = (I[sl][cut_r] * b).view(-1, 1, 1) + pos.view(1, b, 1)
-                    kj = (J[sl][cut_r, cut_s] * b).view(-1, 1, 1) + pos.view(1, 1, b)
-                    hidden = ~allowed(qi, kj, causal, window, 0, T).expand(len(cut_r), b, b)
-                    n = len(rows[sl])
-                    if len(cut_r) == n and bool((cut_s == c - 1).all()) and bool((hidden == hidden[0]).all()):
+                    Ic, Jc = I[sl][cut_r], J[sl][cut_r, cut_s]
+                    qi = (Ic * b).view(-1, 1, 1) + pos.view(1, b, 1)
+                    kj = (Jc * b).view(-1, 1, 1) + pos.view(1, 1, b)
+                    # pairs at the same block offset I - J, away from the padded last block, share
+                    # one token mask (it depends on i - j only): then it is made once
+                    d = Ic - Jc
+                    shared = (
+                        len(cut_r) == len(rows[sl])
+                        and bool((cut_s == c - 1).all())
+                        and bool((d == d[0]).all())
+                        and (nb * b == T or not bool((Ic == nb - 1).any() or (Jc == nb - 1).any()))
+                    )
+                    if shared:
                         # the common causal case: every row's last kept block is its diagonal
-                        mask = (None, None, hidden[0])
+                        mask = (None, None, ~allowed(qi[0], kj[0], causal, window, 0, T))
                     else:
-                        mask = (cut_r, cut_s, hidden)
+                        hidden = ~allowed(qi, kj, causal, window, 0, T).expand(len(cut_r), b, b)
+                        if (
+                            len(cut_r) == len(rows[sl])
+                            and bool((cut_s == c - 1).all())
+                            and bool((hidden == hidden[0]).all())
+                        ):
+                            mask = (None, None, hidden[0])
+                        else:
+                            mask = (cut_r, cut_s, hidden)
                 self.pieces.append((rows[sl], keys[sl], mask))
 
 
