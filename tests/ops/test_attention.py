@@ -197,9 +197,9 @@ def test_decode_step_matches_attention(num_splits, monkeypatch):
 @pytest.mark.parametrize("num_splits", [None, 3])
 def test_float32_decode_paths_match_float64(path, num_splits, monkeypatch):
     """A float32 cache: torch's fused kernel (short caches, no grouped heads), the whole-cache
-    block-diagonal matmul scores (oneDNN) and the per-split product buffer each give the float64
-    result, with per-sequence lengths, a partial last split and a cache that is a strided view
-    (its time rows longer than Hk * K)."""
+    block-diagonal matmul scores (oneDNN) and the per-split product buffer each give dense float64
+    attention over the cached keys, with per-sequence lengths, a partial last split, a cache that
+    is a strided view (its time rows longer than Hk * K) and queries strided along K."""
     decode = importlib.import_module("subquad.ops.attention.decode")
     taken, calls = [], []
     real_scores, real_flash = decode._block_scores, decode._FLASH
@@ -212,23 +212,23 @@ def test_float32_decode_paths_match_float64(path, num_splits, monkeypatch):
     Hk = 6 if path == "kernel" else 2
     q, k, v = _qkv(B=2, T=30, H=6, Hk=Hk, K=8, V=8)
     k = torch.cat([k, torch.randn_like(k[:, :, :1])], 2)[:, :, :Hk]  # time rows of Hk + 1 heads
-    lens = torch.tensor([30, 17])
-    want = attention_decode(q[:, -1:], k, v, cache_seqlens=lens, num_splits=num_splits, return_lse=True)
-    taken.clear()  # float64 takes the product path
-    calls.clear()
-    got = attention_decode(*(x.float() for x in (q[:, -1:], k, v)), cache_seqlens=lens,
+    q1 = q[:, -1:].transpose(2, 3).contiguous().transpose(2, 3)  # K is not the unit-stride axis
+    lens = [30, 17]
+    want = [_partial(q[b : b + 1, -1:], *(x[b : b + 1, :n].repeat_interleave(6 // Hk, 2) for x in (k, v)))
+            for b, n in enumerate(lens)]  # fmt: skip
+    got = attention_decode(*(x.float() for x in (q1, k, v)), cache_seqlens=torch.tensor(lens),
                            num_splits=num_splits, return_lse=True)  # fmt: skip
-    assert_close(got[0], want[0], torch.float32, name="o")
-    assert_close(got[1], want[1], torch.float32, name="lse")
+    assert_close(got[0], torch.cat([o for o, _ in want]), torch.float32, name="o")
+    assert_close(got[1], torch.cat([l for _, l in want]), torch.float32, name="lse")
     used = [s is not None for s in taken]
     onednn = decode._ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available()
     kernel = decode._FLASH is not None and path == "kernel" and num_splits is None
     assert len(calls) == (2 if kernel else 0)
     assert used == ([] if kernel else [path != "product" and onednn] * 2)
     # without cache_seqlens the batch goes through the same path at once
-    want = attention_decode(q[:, -1:], k, v, num_splits=num_splits)
     calls.clear()
-    got = attention_decode(*(x.float() for x in (q[:, -1:], k, v)), num_splits=num_splits)
+    got = attention_decode(*(x.float() for x in (q1, k, v)), num_splits=num_splits)
+    want = _partial(q[:, -1:], *(x.repeat_interleave(6 // Hk, 2) for x in (k, v)))[0]
     assert_close(got, want, torch.float32, name="o, whole batch")
     assert len(calls) == (1 if kernel else 0)
 

@@ -129,7 +129,7 @@ def _kernel_step(q, k_cache, v_cache, scale, cd):
     """The step by torch's fused kernel: q ``[B, H, K]``, caches ``[B, n, H, D]`` -> ``o [B, H, V]``,
     ``lse [B, H]`` in ``cd``."""
     k, v = (kernel_input(x, cd).transpose(1, 2) for x in (k_cache, v_cache))
-    o, lse = _FLASH(q.to(cd).unsqueeze(2), k, v, scale=scale)
+    o, lse = _FLASH(kernel_input(q, cd).unsqueeze(2), k, v, scale=scale)
     return o[:, :, 0], lse[:, :, 0]
 
 
