@@ -94,11 +94,14 @@ def _block_scores(q, k_rows):
     (float32, each row's ``Hk * K`` values contiguous), as one oneDNN matmul with the block-diagonal
     ``Qbd [Hk * G, Hk * K]`` (row ``(h, g)`` holds ``q[h, g]`` in head h's columns): Hk times the
     FLOPs of the dot products, but one read of the keys and no product buffer. None when the op
-    is missing or the keys' layout does not fit."""
+    is missing, oneDNN is switched off (``torch.backends.mkldnn.enabled``) or the keys' layout
+    does not fit."""
     n, Hk, K = k_rows.shape
     if _ONEDNN_LINEAR is None or k_rows.dtype != torch.float32 or k_rows.device.type != "cpu":
         return None
-    if k_rows.stride(2) != 1 or k_rows.stride(1) != K or not torch.backends.mkldnn.is_available():
+    if k_rows.stride(2) != 1 or k_rows.stride(1) != K:
+        return None
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return None
     qbd = q.new_zeros(Hk, q.shape[1], Hk, K)
     qbd.diagonal(dim1=0, dim2=2).copy_(q.permute(1, 2, 0))  # [G, K, Hk] view of the blocks
