@@ -116,7 +116,7 @@ def _split_keys(k_cache, b, lo, hi, cd):
 
 def _split_major(s, P, c):
     """Scores ``s [n, H]`` as ``[P, H, c]`` (split p holds rows ``p c .. p c + c``), the last
-    split's rows past n at -inf."""
+    split's rows past n at -inf; differentiable (copies into a fresh tensor)."""
     n, H = s.shape
     full = n // c
     out = s.new_empty(P, H, c)
@@ -166,22 +166,17 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, num_splits):
         #    and sums l_p, in the split-major layout [P, H, c] of the weighted sums
         if grad:
             s = torch.cat([(_split_keys(k_cache, b, lo, hi, cd) * qg[b]).sum(-1) for lo, hi in ranges])
-            s = torch.cat([s.view(n, H), s.new_full((P * c - n, H), float("-inf"))]).view(P, c, H)
-            s = s.transpose(1, 2)  # [P, H, c]
-            m = s.detach().amax(-1, keepdim=True)  # a shift, so no gradient flows through it
-            e = torch.exp2(s - m)  # the padding gives exactly 0
-        else:
-            if (s := _block_scores(qg[b, 0], k_cache[b, :n])) is None:
-                buf = torch.empty(c, Hk, G, K, dtype=cd, device=q.device)
-                s = torch.empty(n, Hk, G, dtype=cd, device=q.device)
-                for lo, hi in ranges:
-                    prod = torch.mul(_split_keys(k_cache, b, lo, hi, cd), qg[b], out=buf[: hi - lo])
-                    torch.sum(prod, -1, out=s[lo:hi])
-            e = _split_major(s.view(n, H), P, c)
-            # (the max over a contiguous last axis: over the middle axis of [P, c, H] torch's amax
-            # took 0.9 ms at a 64K-token cache, 12x its sum there)
-            m = e.amax(-1, keepdim=True)  # [P, H, 1]
-            e = e.sub_(m).exp2_()
+        elif (s := _block_scores(qg[b, 0], k_cache[b, :n])) is None:
+            buf = torch.empty(c, Hk, G, K, dtype=cd, device=q.device)
+            s = torch.empty(n, Hk, G, dtype=cd, device=q.device)
+            for lo, hi in ranges:
+                prod = torch.mul(_split_keys(k_cache, b, lo, hi, cd), qg[b], out=buf[: hi - lo])
+                torch.sum(prod, -1, out=s[lo:hi])
+        e = _split_major(s.view(n, H), P, c)  # the padding is -inf and gives exactly 0
+        # (the max over a contiguous last axis: over the middle axis of [P, c, H] torch's amax
+        # took 0.9 ms at a 64K-token cache, 12x its sum there); a shift, so no gradient through it
+        m = e.detach().amax(-1, keepdim=True)  # [P, H, 1]
+        e = torch.exp2(e - m) if grad else e.sub_(m).exp2_()
         l = e.sum(-1)  # [P, H]
         # 2. each split's weighted values, one weighted row sum per query head (embedding_bag)
         w = e.reshape(P, Hk, G, c)  # a view without autograd

@@ -83,28 +83,19 @@ class _Plan:
                     Ic, Jc = I[sl][cut_r], J[sl][cut_r, cut_s]
                     qi = (Ic * b).view(-1, 1, 1) + pos.view(1, b, 1)
                     kj = (Jc * b).view(-1, 1, 1) + pos.view(1, 1, b)
-                    # pairs at the same block offset I - J, away from the padded last block, share
-                    # one token mask (it depends on i - j only): then it is made once
+                    # every row cut on its last kept block: one mask for all rows if they share it.
+                    # Pairs at one block offset I - J, away from the padded last block, do (the mask
+                    # depends on i - j only), so it is made once; otherwise the masks are compared
+                    on_last = len(cut_r) == len(rows[sl]) and bool((cut_s == c - 1).all())
                     d = Ic - Jc
-                    shared = (
-                        len(cut_r) == len(rows[sl])
-                        and bool((cut_s == c - 1).all())
-                        and bool((d == d[0]).all())
-                        and (nb * b == T or not bool((Ic == nb - 1).any() or (Jc == nb - 1).any()))
-                    )
-                    if shared:
+                    padded = nb * b > T and bool((Ic == nb - 1).any() or (Jc == nb - 1).any())
+                    if on_last and bool((d == d[0]).all()) and not padded:
                         # the common causal case: every row's last kept block is its diagonal
                         mask = (None, None, ~allowed(qi[0], kj[0], causal, window, 0, T))
                     else:
                         hidden = ~allowed(qi, kj, causal, window, 0, T).expand(len(cut_r), b, b)
-                        if (
-                            len(cut_r) == len(rows[sl])
-                            and bool((cut_s == c - 1).all())
-                            and bool((hidden == hidden[0]).all())
-                        ):
-                            mask = (None, None, hidden[0])
-                        else:
-                            mask = (cut_r, cut_s, hidden)
+                        shared = on_last and bool((hidden == hidden[0]).all())
+                        mask = (None, None, hidden[0]) if shared else (cut_r, cut_s, hidden)
                 self.pieces.append((rows[sl], keys[sl], mask))
 
 

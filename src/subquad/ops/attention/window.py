@@ -23,8 +23,9 @@ overlapping span slices of head-major gradient buffers.
 
 On CPU (with K == V) the spans go to torch's fused CPU attention kernel instead (the one behind
 ``scaled_dot_product_attention``, which fuses the score, softmax and ``P @ v`` passes per tile and
-returns lse): ``_FlashWindow``. There the spans are rounded out to whole blocks (``P`` keys before
-a block, ``R`` after), so every interior block scores the same ``[b, P + b + R]`` band mask and all
+returns lse): ``_FlashWindow``. There every block's span reaches ``P`` keys before it and ``R``
+after (the window's reach, ``P`` widened by masked keys to make the span a multiple of SPAN_ALIGN
+keys), so every interior block scores the same ``[b, P + b + R]`` band mask and all
 interior blocks go to the kernel as batches of overlapping strided views of head-major copies of
 k and v (contiguous ``[L, D]`` spans). At T = 16K, window 512, on an Intel Xeon VM that was 2-4%
 faster than views of the ``[T, H, D]`` inputs, whose span rows are H * D apart, copies included;
