@@ -57,7 +57,8 @@ def test_window_and_sinks_match_a_dense_mask(mode):
 def test_window_paths_match_the_reference_with_gradients(T, causal, sinks, path, monkeypatch):
     """Short windows run by key spans (through torch's fused CPU kernel without sinks, or the
     span loop), long ones by the key-block walk: all against the per-query reference, with
-    gradients of o alone and of o and lse (padding, sinks inside and before spans)."""
+    gradients of o alone and of o and lse (padding, sinks inside and before spans; both paths
+    share the key-side band backward)."""
     window_mod = importlib.import_module("subquad.ops.attention.window")
     if path == "fused":
         monkeypatch.setattr(window_mod, "FLASH_BLOCK", 8)  # interior and edge blocks at this size
@@ -65,6 +66,8 @@ def test_window_paths_match_the_reference_with_gradients(T, causal, sinks, path,
         monkeypatch.setattr(window_mod, "REGION_ELEMENTS", 1000)  # and several head-major copies
     else:
         monkeypatch.setattr(window_mod, "_FLASH", None)
+    # the backward in groups of one to three key blocks (its rolling dS buffer carried over)
+    monkeypatch.setattr(window_mod, "BAND_GROUP_ELEMENTS", 200)
     # the fused kernel needs the value head size to equal the key's (else the span loop runs)
     q, k, v = (x.requires_grad_(True) for x in _qkv(T=T, Hk=2, V=8 if path == "fused" else 6))
     # spans (window < and > the block; at 8 and 16 the fused path's first blocks are plain causal
