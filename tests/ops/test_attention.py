@@ -66,7 +66,7 @@ def test_window_paths_match_the_reference_with_gradients(T, causal, sinks, path,
         monkeypatch.setattr(window_mod, "REGION_ELEMENTS", 1000)  # and several head-major copies
     else:
         monkeypatch.setattr(window_mod, "_FLASH", None)
-    # the backward in groups of one to three key blocks (its rolling dS buffer carried over)
+    # the backward in groups of one to three key blocks
     monkeypatch.setattr(window_mod, "BAND_GROUP_ELEMENTS", 200)
     # the fused kernel needs the value head size to equal the key's (else the span loop runs)
     q, k, v = (x.requires_grad_(True) for x in _qkv(T=T, Hk=2, V=8 if path == "fused" else 6))

@@ -21,10 +21,10 @@ blocks: one score matrix ``[H, T, s]`` merged into each row's softmax by log-sum
 The backward (``_band_backward``, for both forwards) walks the band from the key side instead:
 key block m is seen by a span of query blocks, so per head and group of key blocks ``S^T``, ``P``
 (recomputed from the saved lse), ``dV = P^T dO`` and ``dK = dS^T q`` are batched matmuls over
-strided views whose rows never overlap, and ``dQ`` is read off a diagonal of the stored ``dS^T``
-by a layout trick (its docstring). At T = 16K, window 512 (AMD EPYC VM, one process, interleaved)
-forward+backward went from 919 to 691 ms against the per-query-block walk that added ``dK``,
-``dV`` into overlapping span slices.
+strided views whose rows never overlap; each key block adds its ``dS^T k`` into the query rows it
+serves. At T = 16K, window 512 (AMD EPYC VM, one process, interleaved) forward+backward went
+from 919-1119 to 691-889 ms against the per-query-block walk that added ``dK``, ``dV`` into
+overlapping span slices (numbers for other windows in the attention README).
 
 On CPU (with K == V) the spans go to torch's fused CPU attention kernel instead (the one behind
 ``scaled_dot_product_attention``, which fuses the score, softmax and ``P @ v`` passes per tile and
@@ -215,23 +215,20 @@ def _band_backward(q, k, v, o, lse, do, dlse, causal, window, sinks, scale, b):
     view. So the group's scores ``S^T [n, b, Lq]`` are one batched matmul, the band mask is one
     relative ``[b, Lq]`` pattern (added on the columns it masks), padded queries get lse = +inf
     (P = 0), and ``dV = P^T dO``, ``dK = dS^T q`` come out whole per key block (inner size Lq),
-    with no accumulation into overlapping slices.
+    with no accumulation into overlapping slices. Each key block then adds ``dS^T k_m`` into the
+    Lq rows of ``dQ`` it serves (one ``addmm_`` into a contiguous slice).
 
-    ``dQ`` for query block I needs ``dS`` from key blocks ``I - c .. I + a``, which lie on a
-    diagonal of the ``[key block, b, Lq]`` layout. Each key block's ``dS^T`` is stored with a
-    block stride of ``M = b (Lq + 1)`` instead of ``b Lq``: the extra b values per block shift each
-    block's entries so that, read with strides ``(M, 1, Lq)``, query block I's ``[b, Lq]`` slice
-    of all its key blocks is one matrix (column ``e b + j`` = key j of its e-th key block), and
-    ``dQ = dS kspan`` is one more batched matmul with inner size Lq. The ``dS^T`` of the last
-    ``a + c`` key blocks of a group are kept for the next one (a rolling buffer)."""
+    (A version that read ``dQ`` off a diagonal of the stored ``dS^T``, one batched matmul with
+    inner size Lq, needed the ``dS^T`` of the last a + c key blocks carried from group to group,
+    about w^2 values copied per group: at T = 16K it measured 554-562 ms against 543-545 ms for
+    these additions at window 512, 980 vs 931 ms at 1024 and 2738 vs 1873 ms at 2048.)"""
     B, T, H, K = q.shape
     Vd = v.shape[-1]
     dev, dt = q.device, q.dtype
     nkb = -(-T // b)
     c = -(-(window - 1) // b)  # query blocks after a key block that see some of its keys
     a = 0 if causal else c  # ... and before it
-    nq = a + 1 + c
-    Lq = nq * b
+    Lq = (a + 1 + c) * b
     # d lse / d s = p, so a gradient on lse enters dS = P * (dP - delta) as delta - dlse
     delta = _row_dots(do, o)
     if dlse is not None:
@@ -243,16 +240,14 @@ def _band_backward(q, k, v, o, lse, do, dlse, causal, window, sinks, scale, b):
     bias = torch.zeros(b, Lq, dtype=dt, device=dev).masked_fill_(hidden, -math.inf)
     strips = [(lo, hi, bias[:, lo:hi]) for lo, hi in _column_runs(hidden)]
     g = max(1, BAND_GROUP_ELEMENTS // (b * Lq))  # key blocks per group
-    M = b * (Lq + 1)
-    ring = q.new_empty((g + nq - 1 + a) * M)  # dS^T of key blocks base .. (rolling)
-    # one head's padded copies: queries scaled into log2 units (scores are exp2'd), keys with c
-    # zero blocks in front (dQ reads key blocks I - c .. I + a). Zero keys and values past T
-    # (which a two-sided window reaches) add nothing to dQ, and their own gradients are dropped
+    # one head's padded copies: queries scaled into log2 units (scores are exp2'd). Zero keys and
+    # values past T (which a two-sided window reaches) add nothing to dQ, and their own gradients
+    # are dropped
     Tq = (nkb + a + c) * b
-    qh, doh, kh = q.new_zeros(Tq, K), q.new_zeros(Tq, Vd), q.new_zeros(Tq, K)
+    qh, doh, dqh = q.new_zeros(Tq, K), q.new_zeros(Tq, Vd), q.new_empty(Tq, K)
     lse2, dlh = q.new_full((Tq,), math.inf), q.new_zeros(Tq)
-    vh = q.new_zeros(nkb * b, Vd)
-    dqh, dkh, dvh = q.new_empty(nkb * b, K), q.new_empty(nkb * b, K), q.new_empty(nkb * b, Vd)
+    kh, vh = q.new_zeros(nkb * b, K), q.new_zeros(nkb * b, Vd)
+    dkh, dvh = q.new_empty(nkb * b, K), q.new_empty(nkb * b, Vd)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     r0 = a * b  # row of query 0 in the padded copies
     for bi, h in itertools.product(range(B), range(H)):
@@ -260,43 +255,26 @@ def _band_backward(q, k, v, o, lse, do, dlse, causal, window, sinks, scale, b):
         doh[r0 : r0 + T] = do[bi, :, h]
         torch.mul(lse[bi, :, h], LOG2_E, out=lse2[r0 : r0 + T])
         dlh[r0 : r0 + T] = delta[bi, :, h]
-        kh[c * b : c * b + T] = k[bi, :, h]
-        vh[:T] = v[bi, :, h]
-        base, done = -c, 0  # key block in ring slot 0; query blocks with dQ written
-        ring[: c * M].zero_()  # key blocks -c .. -1 do not exist
+        kh[:T], vh[:T] = k[bi, :, h], v[bi, :, h]
+        dqh.zero_()
         for m0 in range(0, nkb, g):
             m1 = min(m0 + g, nkb)
             n = m1 - m0
+            kb = kh[m0 * b : m1 * b].view(n, b, K)
             qs = qh.as_strided((n, Lq, K), (b * K, K, 1), m0 * b * K)
-            p = torch.bmm(kh[(c + m0) * b : (c + m1) * b].view(n, b, K), qs.transpose(1, 2))
+            p = torch.bmm(kb, qs.transpose(1, 2))
             for lo, hi, strip in strips:
                 p[:, :, lo:hi].add_(strip)
             p.sub_(lse2.as_strided((n, 1, Lq), (b, 1, 1), m0 * b)).exp2_()
             dos = doh.as_strided((n, Lq, Vd), (b * Vd, Vd, 1), m0 * b * Vd)
             torch.bmm(p, dos, out=dvh[m0 * b : m1 * b].view(n, b, Vd))
-            dp = torch.bmm(vh[m0 * b : m1 * b].view(n, b, Vd), dos.transpose(1, 2))
-            dp.sub_(dlh.as_strided((n, 1, Lq), (b, 1, 1), m0 * b))
-            ds = ring.as_strided((n, b, Lq), (M, Lq, 1), (m0 - base) * M)
-            torch.mul(p, dp, out=ds)
-            del p, dp
+            ds = torch.bmm(vh[m0 * b : m1 * b].view(n, b, Vd), dos.transpose(1, 2))
+            ds.sub_(dlh.as_strided((n, 1, Lq), (b, 1, 1), m0 * b)).mul_(p)
+            del p
             torch.bmm(ds, qs, out=dkh[m0 * b : m1 * b].view(n, b, K))
-            # the query blocks whose key blocks I - c .. I + a are all in the ring
-            if m1 == nkb:
-                ring[(nkb - base) * M : (nkb + a - base) * M].zero_()  # key blocks past the end
-                end = nkb
-            else:
-                end = max(done, m1 - a)
-            if end > done:
-                ds_q = ring.as_strided((end - done, b, Lq), (M, 1, Lq), (done - c - base) * M + (a + c) * b)
-                ks = kh.as_strided((end - done, Lq, K), (b * K, K, 1), done * b * K)
-                torch.bmm(ds_q, ks, out=dqh[done * b : end * b].view(end - done, b, K))
-                done = end
-            shift = done - c - base  # keep key blocks done - c .. m1 - 1 for the next group
-            if m1 < nkb and shift > 0:
-                kept = ring[shift * M : (m1 - base) * M]
-                ring[: kept.numel()].copy_(kept.clone() if shift * M < kept.numel() else kept)
-                base += shift
-        torch.mul(dqh[:T], scale, out=dq[bi, :, h])
+            for i, m in enumerate(range(m0, m1)):
+                dqh[m * b : m * b + Lq].addmm_(ds[i].t(), kb[i])
+        torch.mul(dqh[r0 : r0 + T], scale, out=dq[bi, :, h])
         torch.mul(dkh[:T], 1 / LOG2_E, out=dk[bi, :, h])  # dS^T qh carries the log2 factor
         dv[bi, :, h] = dvh[:T]
     _sink_backward(q, k, v, lse, do, delta, dq, dk, dv, causal, window, sinks, scale)
@@ -589,8 +567,8 @@ class _FlashWindow(torch.autograd.Function):
     on lse itself. The per-query-block span walk it replaced had made forward+backward 0.66 s
     against 0.71 s with the fused kernel's backward at T = 16K, window 512 (AMD EPYC, 2 threads,
     B = 1, H = 8, D = 64; 0.75 vs 0.82 s with 4 sinks), equally accurate against float64; the band
-    walk then took forward+backward from 919 to 691 ms against that span walk (775 vs 983 ms with
-    4 sinks), same process, same VM, a later day."""
+    walk then took forward+backward from 919-1119 to 691-889 ms against that span walk (983-1186
+    to 775-981 ms with 4 sinks), one process each time, same VM, a later day."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale, span_block):
