@@ -63,7 +63,6 @@ def test_window_paths_match_the_reference_with_gradients(T, causal, sinks, path,
     if path == "fused":
         monkeypatch.setattr(window_mod, "FLASH_BLOCK", 8)  # interior and edge blocks at this size
         monkeypatch.setattr(window_mod, "GROUP_ELEMENTS", 500)  # several kernel calls per sequence
-        monkeypatch.setattr(window_mod, "REGION_ELEMENTS", 1000)  # and several head-major copies
     else:
         monkeypatch.setattr(window_mod, "_FLASH", None)
     # the backward in groups of one to three key blocks

@@ -31,11 +31,11 @@ On CPU (with K == V) the spans go to torch's fused CPU attention kernel instead 
 returns lse): ``_FlashWindow``. There every block's span reaches ``P`` keys before it and ``R``
 after (the window's reach, ``P`` widened by masked keys to make the span a multiple of SPAN_ALIGN
 keys), so every interior block scores the same ``[b, P + b + R]`` band mask and all
-interior blocks go to the kernel as batches of overlapping strided views of head-major copies of
-k and v (contiguous ``[L, D]`` spans). At T = 16K, window 512, on an Intel Xeon VM that was 2-4%
-faster than views of the ``[T, H, D]`` inputs, whose span rows are H * D apart, copies included;
-the copies are made REGION_ELEMENTS values at a time, so they add about 25 MB of forward peak
-at any T instead of two inputs' worth (64 MB at 16K when copied whole). When the
+interior blocks go to the kernel as batches of overlapping strided views of k and v, read in
+place (span rows H * D apart). Head-major copies of k and v (contiguous ``[L, D]`` spans) were
+2-4% faster on an Intel Xeon VM, copies included, but 3-6% slower on an AMD EPYC VM (T = 16K,
+window 512: 265-278 against 273-296 ms forward, one process each, interleaved), and they added
+25 MB of forward peak, so the spans are views. When the
 window reaches back to key 0 for every query of the first blocks (causal), those rows are plain
 causal attention, one kernel call; other blocks cut by the sequence ends are gathered with their
 own masks. Sinks beyond a query's
@@ -344,9 +344,6 @@ _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 # one process with the sizes interleaved (AMD EPYC VM, idle, medians of 3): 200 ms at 64, 216 at
 # 128, 208 at 192, 221 at 256 (causal SDPA 1845 ms). An Intel Xeon VM had 64 and 256 even (0.18 s).
 FLASH_BLOCK = 64
-# the spans read head-major copies of k and v, made REGION_ELEMENTS values at a time (8 MB in
-# float32: 4K tokens at H * D = 512, so the copies overlap by the window once per 4K tokens)
-REGION_ELEMENTS = 1 << 21
 # keys per span are rounded up to a multiple of this (the extra keys masked): the kernel's softmax
 # loops run in vectors of 8 floats and finish a row's remainder one exp at a time
 SPAN_ALIGN = 8
@@ -450,20 +447,10 @@ class _BandPlan:
         """Interior query blocks of ``x [T, H, D]`` as a view ``[n, H, b, D]``."""
         return self._view(x, self.first * self.b, self.b)
 
-    def head_major_spans(self, x, g0, g1, region):
-        """Spans of interior blocks ``g0 .. g1`` as views ``[g1 - g0, H, L, D]`` into a head-major
-        copy of rows of ``x [T, H, D]``. ``region``: a list holding the last call's
-        ``(r0, r1, copy)`` (or empty), reused while the copy still holds these spans; a new copy
-        starts at the first span and holds at least REGION_ELEMENTS values, and the old one is
-        dropped first, so one copy per tensor is alive at any T."""
-        s0 = (self.first + g0) * self.b - self.P
-        s1 = (self.first + g1 - 1) * self.b - self.P + self.L
-        if not region or s1 > region[0][1]:
-            region.clear()
-            r1 = min(x.shape[0], max(s1, s0 + REGION_ELEMENTS // (x.shape[1] * x.shape[2])))
-            region.append((s0, r1, x[s0:r1].transpose(0, 1).contiguous().transpose(0, 1)))
-        r0, _, copy = region[0]
-        return self._view(copy, s0 - r0, self.L, g1 - g0)
+    def spans(self, x, g0, g1):
+        """Key spans of interior blocks ``g0 .. g1`` of ``x [T, H, D]`` as a view ``[g1 - g0, H, L, D]``
+        (overlapping: consecutive spans start b rows apart)."""
+        return self._view(x, (self.first + g0) * self.b - self.P, self.L, g1 - g0)
 
     def _view(self, x, t0, rows, n=None):
         st = x.stride()
@@ -495,14 +482,10 @@ def _flash_forward(q, k, v, plan, scale):
     b, first = plan.b, plan.first
     o, lse = q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H)
     for bi in range(B):
-        qv, k_region, v_region = plan.queries(q[bi]), [], []
+        qv = plan.queries(q[bi])
         for g0, g1 in plan.groups(H, k.shape[-1]):
-            # spans as contiguous [L, D] runs per head of head-major copies, instead of L rows
-            # strided by H * D in the inputs
-            ks = plan.head_major_spans(k[bi], g0, g1, k_region)
-            vs = plan.head_major_spans(v[bi], g0, g1, v_region)
+            ks, vs = plan.spans(k[bi], g0, g1), plan.spans(v[bi], g0, g1)
             ob, lb = _FLASH(qv[g0:g1], ks, vs, attn_mask=plan.mask, scale=scale)
-            del ks, vs  # views of the copies: a new copy may replace them next
             rows = slice((first + g0) * b, (first + g1) * b)
             o[bi, rows].view(g1 - g0, b, H, -1).copy_(ob.transpose(1, 2))
             lse[bi, rows].view(g1 - g0, b, H).copy_(lb.transpose(1, 2))
