@@ -38,7 +38,6 @@ The partials are merged by their log-sum-exps ``lse_p = m_p + log l_p``:
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +48,6 @@ from subquad.ops.attention.window import _FLASH, fused_kernel_applies, kernel_in
 # cache values (keys of all heads) per split when the caller does not fix the number of splits:
 # 2^21 float32 values = 8 MiB, which keeps the product buffer in the last-level cache
 SPLIT_ELEMENTS = 1 << 21
-LN_2 = math.log(2.0)
 # caches of at most this many key values over the query heads (n * H * K) run through torch's
 # fused kernel when it applies (see above)
 KERNEL_ELEMENTS = 1 << 21
@@ -190,7 +188,7 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, num_splits):
             po.append(weighted_rows(v_cache[b, full * c : n], w[full:, ..., : n - full * c], cd))
         po = torch.cat(po) if len(po) > 1 else po[0]
         po = po / l.unsqueeze(-1)
-        pl = (m.squeeze(-1) + torch.log2(l)) * LN_2  # [P, H], natural log units
+        pl = (m.squeeze(-1) + torch.log2(l)) / LOG2_E  # [P, H], natural log units
         # 3. merge the splits by their log-sum-exps
         lse = torch.logsumexp(pl, 0)
         outs.append((torch.exp(pl - lse).unsqueeze(-1) * po).sum(0))
