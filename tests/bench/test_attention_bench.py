@@ -62,13 +62,25 @@ def test_bench_runs_every_section(tmp_path):
     assert sparse["quest"]["estimate_over_fwd"] == pytest.approx(
         sparse["quest"]["estimate_s"] / sparse["quest"]["fwd_s"]
     )
+    # each row at T is against SDPA timed right before and right after it: the mean of the dense
+    # row's sample before (its median for the first row) and the one taken after the row
+    (dense,) = [r for r in result["rows"] if r["section"] == "dense"]
+    at_T = [r for r in result["rows"] if r["section"] in ("window", "sparse", "approx")]
+    for key in ("fwd_s", "fwdbwd_s"):
+        samples = dense["samples"][key]
+        assert len(samples) == len(at_T) and all(t > 0 for t in samples)
+        for i, r in enumerate(at_T):
+            before = dense[key] if i == 0 else samples[i - 1]
+            assert r[f"sdpa_{key}"] == pytest.approx((before + samples[i]) / 2)
+            assert r[f"{key[:-2]}_speedup_vs_sdpa"] == pytest.approx(r[f"sdpa_{key}"] / r[key])
     dec = [r for r in result["rows"] if r["section"] == "decode"]
     assert all(r["rel_err"] < 1e-4 for r in dec)
     path, md, _ = write_results(result, str(tmp_path))
     from pathlib import Path
 
     assert json.loads(Path(path).read_text())["rows"] == json.loads(json.dumps(result["rows"]))
-    assert "Sliding window and block-sparse" in Path(md).read_text()
+    report = Path(md).read_text()
+    assert "Sliding window and block-sparse" in report and "SDPA over the section" in report
 
 
 def test_bad_config():
