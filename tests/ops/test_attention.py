@@ -14,6 +14,8 @@ from subquad.ops import attention, attention_decode
 from subquad.registry import get_op
 from subquad.testing import assert_close
 
+sparse_mod = importlib.import_module("subquad.ops.attention.sparse")
+
 F64 = torch.float64
 
 
@@ -266,7 +268,11 @@ def test_decode_bad_inputs():
 
 @pytest.mark.parametrize(("causal", "window"), [(True, None), (False, None), (True, 20)])
 @pytest.mark.parametrize("V", [6, 8])  # K == V also runs pieces through torch's fused kernel
-def test_block_sparse_matches_reference_with_gradients(causal, window, V):
+@pytest.mark.parametrize("pieces", ["default", "small"])
+def test_block_sparse_matches_reference_with_gradients(causal, window, V, pieces, monkeypatch):
+    if pieces == "small":  # several pieces per group: 1 row (matmul path) or 6 / c rows (fused)
+        monkeypatch.setattr(sparse_mod, "PIECE", 8 * 8)
+        monkeypatch.setattr(sparse_mod, "FUSED_PIECE", 6 * 8 * 8)
     q, k, v = (x.requires_grad_(True) for x in _qkv(T=45, Hk=2, V=V))
     mask = torch.rand(2, 4, 6, 6, generator=torch.Generator().manual_seed(1)) < 0.5
     mask |= torch.eye(6, dtype=torch.bool)  # most rows keep their diagonal: the fused pieces
@@ -280,6 +286,26 @@ def test_block_sparse_matches_reference_with_gradients(causal, window, V):
     names = ["o", "lse", "dq", "dk", "dv", "dq with lse", "dk with lse", "dv with lse"]
     for name, got, ref in zip(names, res["chunk"], res["reference"], strict=True):
         assert_close(got, ref, F64, name=f"block-sparse {name}")
+
+
+def test_block_sparse_pieces_with_per_row_masks_are_cut_at_the_matmul_size(monkeypatch):
+    # pieces whose rows have different token masks (window 20 cuts several slots of a row) run the
+    # matmul path and are cut at PIECE; pieces that share the diagonal's mask (the fused kernel)
+    # keep the larger size. 8-token blocks, PIECE = 8 rows of one block, fused pieces 48
+    monkeypatch.setattr(sparse_mod, "PIECE", 8 * 8 * 8)
+    big = 48 * 8 * 8
+    mask = torch.rand(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) < 0.6
+    mask |= torch.eye(8, dtype=torch.bool)
+    for window, T in ((20, 64), (None, 61)):
+        plan = sparse_mod._Plan(mask, T, 8, True, window, piece=big)
+        rows = torch.cat([r for r, _, _ in plan.pieces])
+        assert len(rows) == len(rows.unique()) == 4 * 8  # every row in exactly one piece
+        per_pair = [(len(r), c.shape[1]) for r, c, m in plan.pieces if m is not None and m[0] is not None]
+        shared = [(len(r), c.shape[1]) for r, c, m in plan.pieces if m is None or m[0] is None]
+        if window is not None:
+            assert per_pair and all(n <= max(1, 8 // c) for n, c in per_pair)
+        else:
+            assert any(n > max(1, 8 // c) for n, c in shared)
 
 
 def test_block_sparse_full_mask_is_dense_and_cost_follows_the_kept_blocks():

@@ -8,8 +8,9 @@ the causal / window rule at token level). Rows are grouped by how many key block
 group of rows with c blocks each gathers its keys and values once, ``[R, c*b, D]``, and runs an
 ordinary (single-pass) softmax over them: one matmul for the scores ``[R, b, c*b]``, one exp pass,
 one matmul with the values. Wider matmuls than one block at a time, no online rescaling, each
-query row read once. Groups are cut into pieces of about 2^21 score elements, so memory is
-bounded by that plus the gathered keys of one piece; work is proportional to the kept pairs.
+query row read once. Groups are cut into pieces of about 2^21 score elements (2^23 where the
+pieces go to torch's fused kernel, below), so memory is bounded by that plus the gathered keys of
+one piece; work is proportional to the kept pairs.
 Only pairs cut by the causal diagonal, the window edge or the padding get a token mask.
 
 The backward recomputes each piece's probabilities from the saved lse,
@@ -32,6 +33,14 @@ from subquad.ops.attention.masks import allowed
 from subquad.ops.attention.window import _FLASH, _FLASH_BWD, fused_kernel_applies, has_lse_grad
 
 PIECE = 2**21  # score elements per piece of a group
+# ... when the pieces go to torch's fused kernel, which holds no scores of its own: fewer, larger
+# calls. At T = 16K (B = 1, H = 8, D = 64, b = 128, 2 threads, AMD EPYC VM, one process, sizes
+# interleaved, medians of 5), forward / forward+backward at 2^21, 2^22, 2^23 score elements:
+# 10% random blocks 0.447 / 1.323, 0.411 / 1.295, 0.403 / 1.296 s; Quest's mask 0.468 / 1.499,
+# 0.473 / 1.436, 0.397 / 1.304 s; vertical-slash even. The forward's peak grew by 30-60 MB and
+# forward+backward's by 90-120 MB. The matmul path, which holds a piece's scores, got no faster
+# (2^21 / 2^23: 0.473 / 1.485 against 0.509 / 1.464 s) and so keeps PIECE
+FUSED_PIECE = 2**23
 
 
 class _Plan:
@@ -40,9 +49,11 @@ class _Plan:
     ``pieces``: list of ``(rows [R], keys [R, c], mask or None)`` with rows and keys indexing the
     block-major ``[nb * BH, b, D]`` tensors; ``mask`` is ``(cut_r, cut_s, hidden [n, b, b])``: the
     (row, slot) pairs cut by the diagonal, window edge or padding and their hidden tokens.
+    A piece holds about ``piece`` score elements; one whose token masks differ from row to row
+    (``cut_r`` given: the matmul path) is cut at PIECE.
     """
 
-    def __init__(self, block_mask, T, b, causal, window):
+    def __init__(self, block_mask, T, b, causal, window, piece=PIECE):
         B, H, nb, _ = block_mask.shape
         BH = B * H
         dev = block_mask.device
@@ -74,29 +85,42 @@ class _Plan:
             J = keep[bh, I].nonzero(as_tuple=True)[1].view(-1, c)  # [R, c] ascending
             rows, keys = I * BH + bh, J * BH + bh[:, None]
             cut = need[I[:, None], J]  # [R, c]
-            step = max(1, PIECE // (b * b * c))
+            step, small = (max(1, n // (b * b * c)) for n in (piece, PIECE))
             for s in range(0, len(rows), step):
-                sl = slice(s, s + step)
-                mask = None
-                cut_r, cut_s = cut[sl].nonzero(as_tuple=True)  # the cut (row, slot) pairs
-                if len(cut_r):
-                    Ic, Jc = I[sl][cut_r], J[sl][cut_r, cut_s]
-                    qi = (Ic * b).view(-1, 1, 1) + pos.view(1, b, 1)
-                    kj = (Jc * b).view(-1, 1, 1) + pos.view(1, 1, b)
-                    # every row cut on its last kept block: one mask for all rows if they share it.
-                    # Pairs at one block offset I - J, away from the padded last block, do (the mask
-                    # depends on i - j only), so it is made once; otherwise the masks are compared
-                    on_last = len(cut_r) == len(rows[sl]) and bool((cut_s == c - 1).all())
-                    d = Ic - Jc
-                    padded = nb * b > T and bool((Ic == nb - 1).any() or (Jc == nb - 1).any())
-                    if on_last and bool((d == d[0]).all()) and not padded:
-                        # the common causal case: every row's last kept block is its diagonal
-                        mask = (None, None, ~allowed(qi[0], kj[0], causal, window, 0, T))
-                    else:
-                        hidden = ~allowed(qi, kj, causal, window, 0, T).expand(len(cut_r), b, b)
-                        shared = on_last and bool((hidden == hidden[0]).all())
-                        mask = (None, None, hidden[0]) if shared else (cut_r, cut_s, hidden)
-                self.pieces.append((rows[sl], keys[sl], mask))
+                sl = slice(s, min(s + step, len(rows)))
+                mask = self._mask(I[sl], J[sl], cut[sl], T, b, causal, window, pos)
+                if step > small and mask is not None and mask[0] is not None:
+                    for s2 in range(sl.start, sl.stop, small):
+                        sl2 = slice(s2, min(s2 + small, sl.stop))
+                        mask2 = self._mask(I[sl2], J[sl2], cut[sl2], T, b, causal, window, pos)
+                        self.pieces.append((rows[sl2], keys[sl2], mask2))
+                else:
+                    self.pieces.append((rows[sl], keys[sl], mask))
+
+    @staticmethod
+    def _mask(I, J, cut, T, b, causal, window, pos):
+        """The token mask of a piece of rows (query blocks I [R], key blocks J [R, c], cut pairs
+        cut [R, c]): None, or ``(cut_r, cut_s, hidden)`` as in the class docstring."""
+        R, c = J.shape
+        nb = -(-T // b)
+        cut_r, cut_s = cut.nonzero(as_tuple=True)  # the cut (row, slot) pairs
+        if not len(cut_r):
+            return None
+        Ic, Jc = I[cut_r], J[cut_r, cut_s]
+        qi = (Ic * b).view(-1, 1, 1) + pos.view(1, b, 1)
+        kj = (Jc * b).view(-1, 1, 1) + pos.view(1, 1, b)
+        # every row cut on its last kept block: one mask for all rows if they share it. Pairs at
+        # one block offset I - J, away from the padded last block, do (the mask depends on i - j
+        # only), so it is made once; otherwise the masks are compared
+        on_last = len(cut_r) == R and bool((cut_s == c - 1).all())
+        d = Ic - Jc
+        padded = nb * b > T and bool((Ic == nb - 1).any() or (Jc == nb - 1).any())
+        if on_last and bool((d == d[0]).all()) and not padded:
+            # the common causal case: every row's last kept block is its diagonal
+            return (None, None, ~allowed(qi[0], kj[0], causal, window, 0, T))
+        hidden = ~allowed(qi, kj, causal, window, 0, T).expand(len(cut_r), b, b)
+        shared = on_last and bool((hidden == hidden[0]).all())
+        return (None, None, hidden[0]) if shared else (cut_r, cut_s, hidden)
 
 
 def _scores(qs, k, rows, keys, mask):
@@ -228,7 +252,7 @@ def sparse_attention(q, k, v, block_mask, causal, window, scale, b):
     ``[B, H, nb, nb]`` at block size b: ``(o, lse [B, T, H])``."""
     B, T, H, _ = q.shape
     cd = state_dtype(q.dtype)
-    plan = _Plan(block_mask, T, b, causal, window)
+    plan = _Plan(block_mask, T, b, causal, window, FUSED_PIECE if fused_kernel_applies(q, v) else PIECE)
     qb, kb, vb = (_to_blocks(pad_time(x, b), b, cd) for x in (q, k, v))
     nb = qb.shape[0]
     flat = [x.reshape(nb * B * H, b, x.shape[-1]) for x in (qb, kb, vb)]
