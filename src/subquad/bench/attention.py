@@ -36,6 +36,7 @@ right after it (the report shows them, and the spread of all SDPA calls of the s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -203,6 +204,18 @@ def _time(fn, repeats: int) -> float:
     return time_median(fn, repeats, torch.device("cpu"))[0]
 
 
+@contextlib.contextmanager
+def _grads_on(leaves):
+    """``leaves`` require gradients inside the block (the inputs are shared by every method)."""
+    for x in leaves:
+        x.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for x in leaves:
+            x.requires_grad_(False)
+
+
 def _fwd_bwd(fn, leaves):
     def run():
         o = fn()
@@ -230,11 +243,8 @@ def _timed(fn, leaves, cfg, status=None) -> dict:
         row = {"fwd_s": time_interleaved({0: fn}, cfg.repeats, cpu, on_round)[0][0]}
     if cfg.backward:
         phase.update(name="fwd+bwd", round=0)
-        for x in leaves:
-            x.requires_grad_(True)
-        row["fwdbwd_s"] = time_interleaved({0: _fwd_bwd(fn, leaves)}, cfg.repeats, cpu, on_round)[0][0]
-        for x in leaves:
-            x.requires_grad_(False)
+        with _grads_on(leaves):
+            row["fwdbwd_s"] = time_interleaved({0: _fwd_bwd(fn, leaves)}, cfg.repeats, cpu, on_round)[0][0]
     return row
 
 
@@ -247,14 +257,11 @@ def _sample(fn, leaves, cfg) -> dict:
         fn()
         out["fwd_s"] = time.perf_counter() - t0
     if cfg.backward:
-        for x in leaves:
-            x.requires_grad_(True)
         run = _fwd_bwd(fn, leaves)
-        t0 = time.perf_counter()
-        run()
-        out["fwdbwd_s"] = time.perf_counter() - t0
-        for x in leaves:
-            x.requires_grad_(False)
+        with _grads_on(leaves):
+            t0 = time.perf_counter()
+            run()
+            out["fwdbwd_s"] = time.perf_counter() - t0
     return out
 
 

@@ -50,7 +50,8 @@ class _Plan:
     block-major ``[nb * BH, b, D]`` tensors; ``mask`` is ``(cut_r, cut_s, hidden [n, b, b])``: the
     (row, slot) pairs cut by the diagonal, window edge or padding and their hidden tokens.
     A piece holds about ``piece`` score elements; one whose token masks differ from row to row
-    (``cut_r`` given: the matmul path) is cut at PIECE.
+    (``cut_r`` given: the matmul path) is cut at PIECE. (A backward given a gradient on lse runs
+    every piece by the matmul path, so with FUSED_PIECE its scores take up to 2^23 values.)
     """
 
     def __init__(self, block_mask, T, b, causal, window, piece=PIECE):
