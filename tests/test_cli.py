@@ -45,9 +45,14 @@ def test_bench_from_the_shell_reruns_with_kept_buffers(tmp_path):
     args += ["--ops", "gla", "--modes", "chunk", "--no-backward", "--repeats", "1", "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k not in (ALLOCATOR_ENV, "GLIBC_TUNABLES")}
     glibc = platform.libc_ver()[0] == "glibc"
-    for setting in (None, "system"):
+    # "preset": the tunables already typed in the shell are kept as they are, not written twice
+    for setting in (None, "system", "preset"):
         out = tmp_path / str(setting)
-        run_env = env if setting is None else {**env, ALLOCATOR_ENV: setting}
+        run_env = {
+            None: env,
+            "system": {**env, ALLOCATOR_ENV: "system"},
+            "preset": {**env, "GLIBC_TUNABLES": BENCH_TUNABLES},
+        }[setting]
         script = "import sys; from subquad.cli import main; sys.argv = ['subquad', *sys.argv[1:]]; main()"
         proc = subprocess.run(
             [sys.executable, "-c", script, *args, "--out", str(out)],
@@ -55,11 +60,12 @@ def test_bench_from_the_shell_reruns_with_kept_buffers(tmp_path):
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         machine = json.loads((out / "speed.json").read_text())["machine"]
-        kept = setting is None and glibc
-        assert (machine["allocator"]["glibc_tunables"] == BENCH_TUNABLES) == kept
-        assert machine["allocator"]["bench_allocator"] == ("keep" if kept else setting)
+        kept = setting != "system" and glibc
+        label = "keep" if kept else "system" if setting == "system" else None
+        assert (machine["allocator"]["glibc_tunables"] == BENCH_TUNABLES) == (kept or setting == "preset")
+        assert machine["allocator"]["bench_allocator"] == label
         assert allocator_label(machine) in proc.stdout
-        assert ("kept for reuse" in allocator_label(machine)) == kept
+        assert ("kept for reuse" in allocator_label(machine)) == (kept or setting == "preset")
 
 
 def test_bench_tunables_take_effect():

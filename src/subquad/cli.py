@@ -507,7 +507,9 @@ def _rerun_with_kept_buffers(argv: list[str] | None) -> None:
         return
     if os.name != "posix" or platform.libc_ver()[0] != "glibc":
         return
-    tunables = ":".join(x for x in (os.environ.get("GLIBC_TUNABLES"), BENCH_TUNABLES) if x)
+    tunables = os.environ.get("GLIBC_TUNABLES") or ""
+    if BENCH_TUNABLES not in tunables:  # already set by hand: not written twice (the report quotes it)
+        tunables = ":".join(x for x in (tunables, BENCH_TUNABLES) if x)
     env = {**os.environ, ALLOCATOR_ENV: "keep", "GLIBC_TUNABLES": tunables}
     sys.stdout.flush()
     sys.stderr.flush()

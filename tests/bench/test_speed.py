@@ -106,3 +106,22 @@ def test_each_op_is_timed_at_its_own_default_chunk_size():
     # (MoM's None had read as "no default" and was timed at 64)
     assert _default_chunk_size(get_op("delta_rule")) is None
     assert _default_chunk_size(get_op("mom")) is None
+
+
+def test_cpu_model_names_family_and_model(tmp_path, monkeypatch):
+    """VMs may call every generation "AMD EPYC": the name carries the family and model numbers of
+    the first processor block of /proc/cpuinfo, and stays the bare name where they are absent."""
+    import builtins
+
+    from subquad.bench import machine
+
+    text = "processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 26\nmodel\t\t: 2\n\n"
+    text += "processor\t: 1\nmodel name\t: Other\ncpu family\t: 25\nmodel\t\t: 1\n"
+    real_open = builtins.open
+    for content, want in ((text, "AMD EPYC (cpu family 26, model 2)"), ("model name : Xeon\n", "Xeon")):
+        path = tmp_path / "cpuinfo"
+        path.write_text(content)
+        monkeypatch.setattr(
+            builtins, "open", lambda f, *a, p=path, **k: real_open(p if f == "/proc/cpuinfo" else f, *a, **k)
+        )
+        assert machine.cpu_model() == want

@@ -50,7 +50,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from subquad.bench.machine import PeakMemory, allocator_label, load_average, machine_info, measure_peak
+from subquad.bench.machine import (
+    PeakMemory,
+    allocator_label,
+    load_average,
+    machine_info,
+    matmul_peak_gflops,
+    measure_peak,
+)
 from subquad.bench.speed import _time as time_median
 from subquad.bench.speed import time_interleaved
 from subquad.ops import attention, attention_decode, hyper_attention, routing_attention
@@ -289,6 +296,9 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
     """Every row of the benchmark; see the module docstring."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # the machine's float32 matmul rate, at the start and the end (the larger is kept): VMs of one
+    # name differ by ~2x in it, which the ratios here do not show
+    peaks = [matmul_peak_gflops(torch.float32, torch.device("cpu"))]
     probe = PeakMemory(torch.device("cpu"))
     rows: list[dict] = []
     steps = len(cfg.exact_lens) + len(cfg.memory_lens) + len(cfg.estimators) + 2  # progress units
@@ -436,10 +446,16 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
     step(f"window, sparse and approx T={T}")
     bar.close()
     _ratios(rows)
+    peaks.append(matmul_peak_gflops(torch.float32, torch.device("cpu")))
     return {
         "benchmark": "attention",
         "config": dataclasses.asdict(cfg),
-        "machine": machine_info(torch.device("cpu")),
+        "machine": {
+            **machine_info(torch.device("cpu")),
+            "matmul_peak_gflops": round(max(peaks), 2),
+            "matmul_peak_note": "fastest of 7 2048x2048 float32 matmuls, measured at the start "
+            f"({peaks[0]:.1f}) and the end ({peaks[1]:.1f}) of the run; the larger",
+        },
         "load_average": load_average(),
         "mean_estimator_density": statistics.fmean(densities) if densities else None,
         "rows": rows,
@@ -472,14 +488,20 @@ def _f(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _peak_words(machine: dict) -> str:
+    """`` (matmul peak X GFLOP/s)`` where the run measured it (older runs did not)."""
+    peak = machine.get("matmul_peak_gflops")
+    return "" if peak is None else f" (float32 matmul peak {peak:.0f} GFLOP/s)"
+
+
 def format_table(result: dict) -> str:
     """The markdown report of one run."""
     cfg, rows = result["config"], result["rows"]
     m = result["machine"]
     out = [
         f"# subquad bench attention\n\nfloat32, B=1, H={cfg['heads']}, D={cfg['head_dim']}, "
-        f"{m['torch_threads']} threads on {m['cpu']}, torch {m['torch']}, {allocator_label(m)}, "
-        f"commit {m.get('git_commit')}; "
+        f"{m['torch_threads']} threads on {m['cpu']}{_peak_words(m)}, torch {m['torch']}, "
+        f"{allocator_label(m)}, commit {m.get('git_commit')}; "
         f"load average before the run {result.get('load_average')}. Medians of {cfg['repeats']} repeats.\n",
         "## Exact causal attention vs SDPA\n",
         "| T | method | fwd s | fwd+bwd s | fwd speedup vs SDPA | fwd+bwd speedup |",
