@@ -82,7 +82,7 @@ def test_bench_runs_every_section(tmp_path):
     report = Path(md).read_text()
     assert "Sliding window and block-sparse" in report and "SDPA over the section" in report
     peak = result["machine"]["matmul_peak_gflops"]
-    assert peak > 0 and f"(float32 matmul peak {peak:.0f} GFLOP/s)" in report
+    assert peak > 0 and f", float32 matmul peak {peak:.0f} GFLOP/s, " in report
 
 
 def test_bad_config():

@@ -489,9 +489,9 @@ def _f(x, spec: str) -> str:
 
 
 def _peak_words(machine: dict) -> str:
-    """`` (matmul peak X GFLOP/s)`` where the run measured it (older runs did not)."""
+    """``, float32 matmul peak X GFLOP/s`` where the run measured it (older runs did not)."""
     peak = machine.get("matmul_peak_gflops")
-    return "" if peak is None else f" (float32 matmul peak {peak:.0f} GFLOP/s)"
+    return "" if peak is None else f", float32 matmul peak {peak:.0f} GFLOP/s"
 
 
 def format_table(result: dict) -> str:
