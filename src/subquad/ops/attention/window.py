@@ -340,21 +340,24 @@ _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", 
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 # query block of the fused forward. A span holds b + window - 1 keys for b queries, and the kernel
 # computes all of them (its causal skipping works on whole 512-key blocks), so smaller blocks waste
-# fewer masked keys but run smaller gemms (the kernel splits queries into tiles of 32 rows below 192
-# rows, 64 below 768). At window 512, T = 16K, B = 1, H = 8, D = 64, 2 threads, one process with the
-# sizes interleaved (medians of 5 rounds of 3 calls): on a 2-core AMD EPYC VM of cpu family 26 (mm
-# peak 225-230 GFLOP/s) 137 ms at 16, 135 at 24, 124 at 32, 136 at 48, 132 at 64, 145 at 128, 151
-# at 192, 160 at 256; 32 against 64 also at windows 128 / 256 / 1024 / 2048: 39 / 79 / 252 / 470
-# against 45 / 85 / 259 / 477 ms, two-sided 512: 265 against 274, 4 sinks: 148 against 157. An
-# earlier AMD EPYC VM with about half that mm peak ran 64 fastest of 16-128 (200 ms at 64, 216 at
-# 128, 208 at 192, 221 at 256); an Intel Xeon VM had 64 and 256 even (0.18 s).
+# fewer masked keys but run smaller gemms. The kernel tiles queries by 32 rows below 192 rows (64
+# below 768), so 32 and 64 run the same tiles and 32 scores 544 keys per query instead of 576 (its
+# cost per score element alone measured the same, 1.8 ns, for 32 x 544 and 64 x 576). At window
+# 512, T = 16K, B = 1, H = 8, D = 64, 2 threads, one process with the sizes interleaved (medians of
+# 5 rounds of 3 calls), on a 2-core AMD EPYC VM of cpu family 26 (mm peak 225-230 GFLOP/s): 137 ms
+# at 16, 135 at 24, 124 at 32, 136 at 48, 132 at 64, 145 at 128, 151 at 192, 160 at 256; 32 against
+# 64 also at windows 128 / 256 / 1024 / 2048: 39 / 79 / 252 / 470 against 45 / 85 / 259 / 477 ms,
+# two-sided 512: 265 against 274, 4 sinks: 148 against 157. An earlier AMD EPYC VM with about half
+# that mm peak ran 64 fastest of 16-128 (200 ms at 64, 216 at 128, 208 at 192, 221 at 256); an
+# Intel Xeon VM had 64 and 256 even (0.18 s).
 FLASH_BLOCK = 32
 # keys per span are rounded up to a multiple of this (the extra keys masked): the kernel's softmax
 # loops run in vectors of 8 floats and finish a row's remainder one exp at a time
 SPAN_ALIGN = 8
-# values per span tensor in one kernel call (views: 16 MB of spans read, 14 blocks at window 512;
+# values per span tensor in one kernel call (views: 16 MB of spans read, 15 blocks at window 512;
 # see _BandPlan.groups). At T = 16K, window 512 on an AMD EPYC VM, one process, interleaved:
-# 274 / 311 ms against 282 / 340 ms for 2^20 (with / without the bench's allocator setting)
+# 274 / 311 ms against 282 / 340 ms for 2^20 (with / without the bench's allocator setting); with
+# blocks of 32 on the family-26 VM, 2^21 to 2^24 ran even (121-122 ms) and 2^20 took 125 ms
 GROUP_ELEMENTS = 1 << 22
 
 
