@@ -50,14 +50,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from subquad.bench.machine import (
-    PeakMemory,
-    allocator_label,
-    load_average,
-    machine_info,
-    matmul_peak_gflops,
-    measure_peak,
-)
+from subquad.bench import machine
+from subquad.bench.machine import PeakMemory, allocator_label, load_average, machine_info, measure_peak
 from subquad.bench.speed import _time as time_median
 from subquad.bench.speed import time_interleaved
 from subquad.ops import attention, attention_decode, hyper_attention, routing_attention
@@ -298,7 +292,7 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
         torch.set_num_threads(cfg.threads)
     # the machine's float32 matmul rate, at the start and the end (the larger is kept): VMs of one
     # name differ by ~2x in it, which the ratios here do not show
-    peaks = [matmul_peak_gflops(torch.float32, torch.device("cpu"))]
+    peaks = [machine.matmul_peak_gflops(torch.float32, torch.device("cpu"))]
     probe = PeakMemory(torch.device("cpu"))
     rows: list[dict] = []
     steps = len(cfg.exact_lens) + len(cfg.memory_lens) + len(cfg.estimators) + 2  # progress units
@@ -446,15 +440,13 @@ def run_attention_bench(cfg: AttentionBenchConfig, progress: bool = True) -> dic
     step(f"window, sparse and approx T={T}")
     bar.close()
     _ratios(rows)
-    peaks.append(matmul_peak_gflops(torch.float32, torch.device("cpu")))
+    peaks.append(machine.matmul_peak_gflops(torch.float32, torch.device("cpu")))
     return {
         "benchmark": "attention",
         "config": dataclasses.asdict(cfg),
         "machine": {
             **machine_info(torch.device("cpu")),
-            "matmul_peak_gflops": round(max(peaks), 2),
-            "matmul_peak_note": "fastest of 7 2048x2048 float32 matmuls, measured at the start "
-            f"({peaks[0]:.1f}) and the end ({peaks[1]:.1f}) of the run; the larger",
+            **machine.matmul_peak_record(*peaks, "float32"),
         },
         "load_average": load_average(),
         "mean_estimator_density": statistics.fmean(densities) if densities else None,
@@ -488,9 +480,9 @@ def _f(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _peak_words(machine: dict) -> str:
+def _peak_words(info: dict) -> str:
     """``, float32 matmul peak X GFLOP/s`` where the run measured it (older runs did not)."""
-    peak = machine.get("matmul_peak_gflops")
+    peak = info.get("matmul_peak_gflops")
     return "" if peak is None else f", float32 matmul peak {peak:.0f} GFLOP/s"
 
 

@@ -38,6 +38,7 @@ from subquad.bench.machine import (
     load_average,
     machine_info,
     matmul_peak_gflops,
+    matmul_peak_record,
     measure_peak,
     results_dir,
     synchronize,
@@ -285,9 +286,7 @@ def run_speed(cfg: SpeedConfig, progress: bool = True) -> dict:
         "config": dataclasses.asdict(cfg),
         "machine": {
             **machine_info(device),
-            "matmul_peak_gflops": round(peak, 2),
-            "matmul_peak_note": f"fastest of 7 2048x2048 {cfg.dtype} matmuls, measured at the start "
-            f"({peak_start:.1f}) and the end ({peak_end:.1f}) of the run; the larger",
+            **matmul_peak_record(peak_start, peak_end, cfg.dtype),
             "load_average_before": load_before,
             "load_average_after": load_average(),
         },
