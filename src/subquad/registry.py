@@ -824,6 +824,49 @@ register(
 )
 
 
+def _neighborhood_flops(mode: str, dims: Mapping[str, int]) -> int:
+    """Per query head, the (query, key) pairs of the 1D neighbourhoods; 2 (K + V) FLOPs each."""
+    from subquad.ops.neighborhood.core import axis_neighbours
+
+    k, d, causal = dims.get("kernel_size", 7), dims.get("dilation", 1), dims.get("causal", False)
+    pairs = int(axis_neighbours(dims["T"], k, d, causal, "cpu")[1].sum())
+    return dims["B"] * dims["H"] * pairs * 2 * (dims["K"] + dims["V"])
+
+
+register(
+    OpSpec(
+        name="neighborhood_attention",
+        fn=_stateless("neighborhood_attention"),
+        tensors=dict(QKV),
+        variants=(
+            # NAT's kernel 7 along T (2D / 3D grids take grid=(X, Y[, Z]) with X Y Z = T, which the
+            # generated matrix's lengths cannot all meet: tests/ops/test_neighborhood.py covers them)
+            Variant(name="default", positional=("q", "k", "v"), streaming=False),
+            Variant(
+                name="dilated",
+                positional=("q", "k", "v"),
+                kwargs=MappingProxyType({"kernel_size": 5, "dilation": 3}),
+                streaming=False,
+            ),
+            Variant(
+                name="causal",
+                positional=("q", "k", "v"),
+                kwargs=MappingProxyType({"kernel_size": 6, "dilation": 2, "causal": True}),
+                streaming=False,
+            ),
+        ),
+        modes=("reference", "chunk"),
+        gate="none",
+        state=(),
+        paper="Neighborhood Attention Transformer (2023); Dilated Neighborhood Attention Transformer (2022)",
+        url="https://arxiv.org/abs/2204.07143",
+        summary="o_i = softmax attention over the kernel_size nearest keys of i's dilation group (per axis)",
+        flops_per_token=lambda mode, K, V, C: 0,
+        flops=_neighborhood_flops,
+    )
+)
+
+
 def _hyper_flops(mode: str, dims: Mapping[str, int]) -> int:
     """Per query head and recursion level, the second half's queries score one block and the samples
     (b + m keys); pieces of at most min_seq_len are exact causal; 2 (K + V) FLOPs per pair."""

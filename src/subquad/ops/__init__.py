@@ -6,6 +6,7 @@ from subquad.ops.gla import gla
 from subquad.ops.hyper import hyper_attention
 from subquad.ops.linear_attn import linear_attn
 from subquad.ops.mom import mom
+from subquad.ops.neighborhood import neighborhood_attention
 from subquad.ops.nsa import nsa
 from subquad.ops.routing import routing_attention
 from subquad.ops.rwkv7 import rwkv7
@@ -23,6 +24,7 @@ __all__ = [
     "hyper_attention",
     "linear_attn",
     "mom",
+    "neighborhood_attention",
     "nsa",
     "routing_attention",
     "rwkv7",
