@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 
 import pytest
 import torch
@@ -322,3 +323,34 @@ def test_block_sparse_full_mask_is_dense_and_cost_follows_the_kept_blocks():
         attention(q, k, v, block_mask=full[..., :3], chunk_size=16)
     with pytest.raises(TypeError, match="block_mask must be a bool"):
         attention(q, k, v, block_mask=full.float(), chunk_size=16)
+
+
+def test_block_sparse_index_lists_are_the_same_mask():
+    """Per-query-block index lists (-1 empty, repeats allowed) select the same blocks as the bool
+    mask built from them by hand, forward and gradients; bad lists name the argument."""
+    from subquad.ops.attention import block_indices_to_mask
+
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(-1, 6, (2, 4, 6, 3), generator=g)
+    idx[..., 0] = torch.arange(6).view(1, 1, 6)  # every query block keeps its diagonal
+    mask = torch.zeros(2, 4, 6, 6, dtype=torch.bool)
+    for b, h, i, s in itertools.product(range(2), range(4), range(6), range(3)):
+        if idx[b, h, i, s] >= 0:
+            mask[b, h, i, idx[b, h, i, s]] = True
+    assert torch.equal(block_indices_to_mask(idx, 6), mask)
+    res = []
+    for bm in (idx, mask):
+        q, k, v = (x.requires_grad_(True) for x in _qkv(T=45, Hk=2, V=6))
+        o = attention(q, k, v, block_mask=bm, chunk_size=8)
+        res.append((o, *torch.autograd.grad((o * o).sum(), [q, k, v])))
+    for name, got, ref in zip(["o", "dq", "dk", "dv"], *res, strict=True):
+        assert_close(got, ref, F64, name=f"index lists {name}")
+    q, k, v = _qkv(T=45, Hk=2, V=6)
+    for bad, exc, match in (
+        (idx.clamp(max=5) + 1, ValueError, r"block indices must lie in \[0, nb\) = \[0, 6\)"),
+        (idx.clamp(min=-1) - 1, ValueError, "or be -1"),
+        (idx[:, :, :5], ValueError, r"block_mask as index lists must have shape \[B, H, nb, S\]"),
+        (idx.int(), TypeError, "block_mask must be a bool torch.Tensor .* or int64 index lists"),
+    ):
+        with pytest.raises(exc, match=match):
+            attention(q, k, v, block_mask=bad, chunk_size=8)

@@ -21,6 +21,7 @@ from subquad.ops.attention.estimators import (
     vertical_slash_mask,
     xattention_mask,
 )
+from subquad.ops.attention.masks import block_indices_to_mask
 from subquad.ops.attention.reference import reference_attention
 from subquad.ops.attention.sparse import sparse_attention
 
@@ -30,6 +31,7 @@ __all__ = [
     "ESTIMATORS",
     "attention",
     "attention_decode",
+    "block_indices_to_mask",
     "mask_density",
     "nsa_mask",
     "quest_mask",
@@ -72,7 +74,9 @@ def attention(
         block_mask: bool ``[B, H, nb, nb]`` with ``nb = ceil(T / chunk_size)``: query block I reads
             key block J only where it is True (and the causal / window rule allows the token).
             Only kept blocks are computed (cost proportional to them); a query that keeps no
-            visible key gets o = 0 (and lse = +inf).
+            visible key gets o = 0 (and lse = +inf). Or per-query-block index lists, int64
+            ``[B, H, nb, S]``: the key blocks each query block reads, -1 for an empty slot
+            (``block_indices_to_mask``).
         scale: default ``K ** -0.5``.
         cu_seqlens: int64 ``[N + 1]`` packed sequences (B = 1); no attention across them.
         chunk_size: the block size b of the tiled form (256: fastest of 128 / 256 / 512 at T = 8K here).
@@ -98,8 +102,18 @@ def attention(
     val.check_cu_seqlens(cu_seqlens, B, T, q.device)
     if block_mask is not None:
         nb = -(-T // chunk_size)
+        if isinstance(block_mask, torch.Tensor) and block_mask.dtype == torch.int64:
+            if block_mask.dim() != 4 or tuple(block_mask.shape[:3]) != (B, H, nb) or block_mask.shape[3] < 1:
+                raise ValueError(
+                    f"block_mask as index lists must have shape [B, H, nb, S] = [{B}, {H}, {nb}, S >= 1] "
+                    f"(nb = ceil(T / chunk_size)), got {list(block_mask.shape)}"
+                )
+            block_mask = block_indices_to_mask(block_mask, nb)
         if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
-            raise TypeError(f"block_mask must be a bool torch.Tensor [B, H, nb, nb], got {block_mask!r:.80}")
+            raise TypeError(
+                "block_mask must be a bool torch.Tensor [B, H, nb, nb] or int64 index lists "
+                f"[B, H, nb, S], got {block_mask!r:.80}"
+            )
         if tuple(block_mask.shape) != (B, H, nb, nb):
             raise ValueError(
                 f"block_mask must have shape [B, H, nb, nb] = [{B}, {H}, {nb}, {nb}] "
