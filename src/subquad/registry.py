@@ -686,6 +686,29 @@ def _stateless(op_name: str):
     return call
 
 
+def _qkv_variant(name: str, **kwargs: Any) -> Variant:
+    """A variant of a softmax-style op called ``fn(q, k, v, **kwargs)``: stateless, so a split of T
+    is not one call (no state carries the earlier keys)."""
+    return Variant(name=name, positional=("q", "k", "v"), kwargs=MappingProxyType(kwargs), streaming=False)
+
+
+def _softmax_op(name: str, variants: tuple[Variant, ...], flops, **about: str) -> OpSpec:
+    """The entry of a stateless softmax-style op ``fn(q, k, v, **kwargs) -> o``: reference and
+    chunk modes, no gate, no state, FLOPs from ``flops(mode, dims)``; ``about``: paper, url, summary."""
+    return OpSpec(
+        name=name,
+        fn=_stateless(name),
+        tensors=dict(QKV),
+        variants=variants,
+        modes=("reference", "chunk"),
+        gate="none",
+        state=(),
+        flops_per_token=lambda mode, K, V, C: 0,
+        flops=flops,
+        **about,
+    )
+
+
 def _attention_pairs(T: int, causal: bool, window: int | None, sinks: int) -> int:
     """Visible (query, key) pairs: the work of exact attention that skips what is masked."""
     if window is None:
@@ -705,39 +728,18 @@ def _attention_flops(mode: str, dims: Mapping[str, int]) -> int:
 
 
 register(
-    OpSpec(
-        name="attention",
-        fn=_stateless("attention"),
-        tensors=QKV,
+    _softmax_op(
+        "attention",
         variants=(
-            Variant(name="default", positional=("q", "k", "v"), streaming=False),
-            Variant(
-                name="window",
-                positional=("q", "k", "v"),
-                kwargs=MappingProxyType({"window": 8, "sinks": 2}),
-                streaming=False,
-            ),
-            Variant(
-                name="window512",
-                positional=("q", "k", "v"),
-                kwargs=MappingProxyType({"window": 512, "sinks": 4}),
-                streaming=False,
-            ),
-            Variant(
-                name="noncausal",
-                positional=("q", "k", "v"),
-                kwargs=MappingProxyType({"causal": False}),
-                streaming=False,
-            ),
+            _qkv_variant("default"),
+            _qkv_variant("window", window=8, sinks=2),
+            _qkv_variant("window512", window=512, sinks=4),
+            _qkv_variant("noncausal", causal=False),
         ),
-        modes=("reference", "chunk"),
-        gate="none",
-        state=(),
+        flops=_attention_flops,
         paper="FlashAttention (2022) / StreamingLLM attention sinks (2023)",
         url="https://arxiv.org/abs/2205.14135",
         summary="o_i = sum_j softmax_j(scale q_i . k_j) v_j over the visible keys (causal, window, sinks)",
-        flops_per_token=lambda mode, K, V, C: 0,
-        flops=_attention_flops,
     )
 )
 
@@ -834,35 +836,19 @@ def _neighborhood_flops(mode: str, dims: Mapping[str, int]) -> int:
 
 
 register(
-    OpSpec(
-        name="neighborhood_attention",
-        fn=_stateless("neighborhood_attention"),
-        tensors=dict(QKV),
+    _softmax_op(
+        "neighborhood_attention",
         variants=(
             # NAT's kernel 7 along T (2D / 3D grids take grid=(X, Y[, Z]) with X Y Z = T, which the
             # generated matrix's lengths cannot all meet: tests/ops/test_neighborhood.py covers them)
-            Variant(name="default", positional=("q", "k", "v"), streaming=False),
-            Variant(
-                name="dilated",
-                positional=("q", "k", "v"),
-                kwargs=MappingProxyType({"kernel_size": 5, "dilation": 3}),
-                streaming=False,
-            ),
-            Variant(
-                name="causal",
-                positional=("q", "k", "v"),
-                kwargs=MappingProxyType({"kernel_size": 6, "dilation": 2, "causal": True}),
-                streaming=False,
-            ),
+            _qkv_variant("default"),
+            _qkv_variant("dilated", kernel_size=5, dilation=3),
+            _qkv_variant("causal", kernel_size=6, dilation=2, causal=True),
         ),
-        modes=("reference", "chunk"),
-        gate="none",
-        state=(),
+        flops=_neighborhood_flops,
         paper="Neighborhood Attention Transformer (2023); Dilated Neighborhood Attention Transformer (2022)",
         url="https://arxiv.org/abs/2204.07143",
         summary="o_i = softmax attention over the kernel_size nearest keys of i's dilation group (per axis)",
-        flops_per_token=lambda mode, K, V, C: 0,
-        flops=_neighborhood_flops,
     )
 )
 
@@ -884,29 +870,18 @@ def _hyper_flops(mode: str, dims: Mapping[str, int]) -> int:
 _HYPER_SMALL = MappingProxyType({"block_size": 4, "num_samples": 3, "lsh_bits": 3, "min_seq_len": 8})
 
 register(
-    OpSpec(
-        name="hyper_attention",
-        fn=_stateless("hyper_attention"),
-        tensors=dict(QKV),
+    _softmax_op(
+        "hyper_attention",
         variants=(
             # the paper's sizes (block 64, 64 samples, exact below 256 tokens): the speed benchmark's
-            Variant(name="default", positional=("q", "k", "v"), streaming=False),
+            _qkv_variant("default"),
             # small blocks and pieces, so that test lengths exercise hashing, sampling and recursion
-            Variant(name="small", positional=("q", "k", "v"), kwargs=_HYPER_SMALL, streaming=False),
-            Variant(
-                name="non_causal",
-                positional=("q", "k", "v"),
-                kwargs=MappingProxyType({**_HYPER_SMALL, "causal": False}),
-                streaming=False,
-            ),
+            _qkv_variant("small", **_HYPER_SMALL),
+            _qkv_variant("non_causal", **_HYPER_SMALL, causal=False),
         ),
-        modes=("reference", "chunk"),
-        gate="none",
-        state=(),
+        flops=_hyper_flops,
         paper="HyperAttention: Long-context Attention in Near-Linear Time (2023)",
         url="https://arxiv.org/abs/2310.05869",
         summary="o = exact attention within sortLSH blocks + sampled keys for the rest; causal by recursion",
-        flops_per_token=lambda mode, K, V, C: 0,
-        flops=_hyper_flops,
     )
 )
