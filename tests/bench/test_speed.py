@@ -5,6 +5,7 @@ Benchmarks are not timed tests: nothing here asserts a speed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -76,6 +77,12 @@ def test_named_variants_are_measured(tmp_path):
     )  # fmt: skip
     rows = [r for r in run_speed(cfg, progress=False)["rows"] if r["name"] == "attention"]
     assert [r["variant"] for r in rows] == ["window512"]
+    # in the table every variant but the default is named, also one called "causal" (SDPA's row,
+    # whose variant is its causal form, stays plain), and long names keep their columns apart
+    cfg = dataclasses.replace(cfg, ops=("neighborhood_attention",), variants="all")
+    table = format_table(run_speed(cfg, progress=False))
+    for label in ("neighborhood_attention ", "neighborhood_attention[causal] ", "sdpa "):
+        assert any(line.startswith(label) for line in table.splitlines()), label
 
 
 def test_peak_memory_probe_sees_a_known_allocation():

@@ -378,20 +378,27 @@ def _fmt(x, spec: str) -> str:
 
 def format_table(result: dict) -> str:
     """The terminal table: one line per case and T."""
+
+    def label(r):  # SDPA's row is its causal form; an op's default variant goes unnamed
+        return (
+            r["name"] if r["variant"] == "default" or r["name"] == "sdpa" else f"{r['name']}[{r['variant']}]"
+        )
+
+    w = max([22, *(len(label(r)) + 1 for r in result["rows"])])
     head = (
-        f"{'op':<22}{'mode':<10}{'T':>7}  {'fwd ms':>9} {'us/tok':>7} {'xSDPA':>7} {'GF/s':>7} {'%peak':>6}"
+        f"{'op':<{w}}{'mode':<10}{'T':>7}  {'fwd ms':>9} {'us/tok':>7} {'xSDPA':>7} {'GF/s':>7} {'%peak':>6}"
         f" {'/T0':>5}  {'f+b ms':>9} {'xSDPA':>7} {'MB f+b':>8} {'B/tok':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
-        name = r["name"] if r["variant"] in ("default", "causal") else f"{r['name']}[{r['variant']}]"
+        name = label(r)
         if "skipped" in r:
-            lines.append(f"{name:<22}{r['mode']:<10}{r['T']:>7}  skipped: {r['skipped']}")
+            lines.append(f"{name:<{w}}{r['mode']:<10}{r['T']:>7}  skipped: {r['skipped']}")
             continue
         fb = r.get("fwdbwd_s")
         mem = r.get("fwdbwd_mem_bytes")
         lines.append(
-            f"{name:<22}{r['mode']:<10}{r['T']:>7}  {r['fwd_s'] * 1e3:>9.1f} {r['fwd_us_per_token']:>7.2f}"
+            f"{name:<{w}}{r['mode']:<10}{r['T']:>7}  {r['fwd_s'] * 1e3:>9.1f} {r['fwd_us_per_token']:>7.2f}"
             f" {_fmt(r.get('fwd_speedup_vs_sdpa'), '>7.1f')} {r['fwd_gflops']:>7.1f}"
             f" {100 * r['fwd_peak_fraction']:>5.0f}% {r['per_token_vs_shortest']:>5.2f}"
             f"  {_fmt(None if fb is None else fb * 1e3, '>9.1f')}"
