@@ -89,6 +89,33 @@ def test_grids_match_the_reference(kw, chunks, monkeypatch):
         assert_close(g, rg, torch.float64, name=f"grad_{name}")
 
 
+@pytest.mark.parametrize("grid", [(45,), (5, 6), (9, 7), (3, 4, 5)], ids=lambda g: "x".join(map(str, g)))
+@pytest.mark.parametrize("causal", [False, True])
+def test_both_chunk_forms_match_the_reference_without_dilation(grid, causal, monkeypatch):
+    """Without dilation the op runs the tiled form; the gathered one (which dilation needs) must
+    agree too. Axes that tiles do not divide make the last tile repeat queries it does not own."""
+    monkeypatch.setattr(core, "GATHER_ELEMENTS", 3000)  # several chunks of tiles
+    T = 1
+    for n in grid:
+        T *= n
+    kernel = (5, 3, 2)[: len(grid)]
+    flags = (causal,) + (False,) * (len(grid) - 1)
+    q, k, v = _qkv(T)
+    ro, rgrads = _run(q, k, v, "reference", grid=grid, kernel_size=kernel, causal=flags)
+    qh, kh, vh = (x.repeat_interleave(2, 2) if i else x for i, x in enumerate((q, k, v)))
+    idx, ok = core.neighbours(grid, kernel, (1,) * len(grid), flags, "cpu")
+    for name, fn in (
+        ("tiled", lambda: core.tiled(qh, kh, vh, grid, kernel, flags, 8**-0.5)),
+        ("gathered", lambda: core.gathered(qh, kh, vh, idx, ok, 8**-0.5)),
+    ):
+        o = fn()
+        do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        grads = torch.autograd.grad((o * do).sum(), [q, k, v])
+        assert_close(o, ro, torch.float64, name=f"{name} o")
+        for g_name, g, rg in zip("qkv", grads, rgrads, strict=True):
+            assert_close(g, rg, torch.float64, name=f"{name} grad_{g_name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_grid_low_precision_against_float64(dtype):
     kw = dict(grid=(12, 10), kernel_size=(5, 3), dilation=(1, 2))

@@ -67,9 +67,10 @@ def neighborhood_attention(
         grid: the token grid's sizes, their product T; None is one axis of length T.
         scale: default ``K ** -0.5``.
         cu_seqlens: int64 ``[N + 1]`` packed 1D sequences (B = 1, no grid): no attention across them.
-        mode: ``"chunk"`` (queries in chunks that gather their neighbours' keys and values; the
-            backward recomputes the scores from the saved log-sum-exp) or ``"reference"`` (a loop
-            over the queries, written from the definition).
+        mode: ``"chunk"`` (without dilation: tiles of queries score the union of their windows in
+            matmuls, masked; with dilation: chunks of queries gather their own neighbours' keys and
+            values; both backwards recompute the scores from the saved log-sum-exp) or
+            ``"reference"`` (a loop over the queries, written from the definition).
         chunk_size: unused by this op (the gather chunks are sized by memory); accepted for the op
             contract.
 
@@ -105,6 +106,8 @@ def neighborhood_attention(
         q_, k_, v_ = q_.to(cd), k_.repeat_interleave(G, 2).to(cd), v_.repeat_interleave(G, 2).to(cd)
         if mode == "reference":
             o_ = neighborhood_reference(q_, k_, v_, shape, kernel, dil, causal_, scale)
+        elif all(d == 1 for d in dil):
+            o_ = core.tiled(q_, k_, v_, shape, kernel, causal_, scale)
         else:
             idx, ok = core.neighbours(shape, kernel, dil, causal_, q.device)
             o_ = core.gathered(q_, k_, v_, idx, ok, scale)
