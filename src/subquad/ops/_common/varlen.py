@@ -53,3 +53,16 @@ def run_padded(kernel, time_inputs: dict, cu_seqlens: torch.Tensor | None, **kwa
     padded = {n: (None if t is None else pad_packed(t, cu_seqlens)) for n, t in time_inputs.items()}
     o, state = kernel(**padded, **kwargs)
     return unpad_packed(o, cu_seqlens), state
+
+
+def per_sequence(run, cu_seqlens: torch.Tensor | None, *time_inputs: torch.Tensor):
+    """``run(*time_inputs)`` once, or with ``cu_seqlens`` once per packed sequence (each input split
+    along T) with the outputs joined along T again; ``run`` returns a tensor or a tuple of them.
+    For ops that padding would change (softmax attention: a zero key still scores 0)."""
+    if cu_seqlens is None:
+        return run(*time_inputs)
+    sizes = [e - s for s, e in seq_bounds(cu_seqlens)]
+    outs = [run(*p) for p in zip(*(x.split(sizes, 1) for x in time_inputs), strict=True)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts, 1) for parts in zip(*outs, strict=True))
+    return torch.cat(outs, 1)

@@ -10,7 +10,7 @@ import torch
 
 from subquad.ops._common import validation as val
 from subquad.ops._common.validation import autocast_exempt
-from subquad.ops._common.varlen import seq_bounds
+from subquad.ops._common.varlen import per_sequence
 from subquad.ops.attention.chunk import chunk_attention
 from subquad.ops.attention.decode import decode_attention
 from subquad.ops.attention.estimators import (
@@ -133,13 +133,7 @@ def attention(
             return sparse_attention(q_, k_, v_, block_mask, causal, window, scale, chunk_size)
         return chunk_attention(q_, k_, v_, causal, window, sinks, scale, chunk_size)
 
-    if cu_seqlens is None:
-        o, lse = run(q, k, v)
-    else:
-        # one sequence at a time: zero padding is not neutral for softmax (a zero key scores 0)
-        sizes = [e - s for s, e in seq_bounds(cu_seqlens)]
-        parts = [run(*p) for p in zip(*(x.split(sizes, 1) for x in (q, k, v)), strict=True)]
-        o, lse = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+    o, lse = per_sequence(run, cu_seqlens, q, k, v)  # one sequence at a time: softmax is not padded
     return (o, lse) if return_lse else o
 
 

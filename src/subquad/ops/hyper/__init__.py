@@ -14,7 +14,7 @@ import torch
 from subquad.ops._common import validation as val
 from subquad.ops._common.chunking import state_dtype
 from subquad.ops._common.validation import autocast_exempt
-from subquad.ops._common.varlen import seq_bounds
+from subquad.ops._common.varlen import per_sequence
 from subquad.ops.hyper import core
 
 MODES = ("reference", "chunk")
@@ -108,10 +108,7 @@ def hyper_attention(
             o_, _ = piece(q_, k_, v_, scale, planes, idx, block_size)
         return o_.to(q.dtype)
 
-    if cu_seqlens is None:
-        return run(q, k, v)
-    sizes = [e - s for s, e in seq_bounds(cu_seqlens)]
-    return torch.cat([run(*p) for p in zip(*(x.split(sizes, 1) for x in (q, k, v)), strict=True)], 1)
+    return per_sequence(run, cu_seqlens, q, k, v)
 
 
 __all__ = ["hyper_attention"]

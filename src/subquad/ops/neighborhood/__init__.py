@@ -14,7 +14,7 @@ import torch
 from subquad.ops._common import validation as val
 from subquad.ops._common.chunking import state_dtype
 from subquad.ops._common.validation import autocast_exempt
-from subquad.ops._common.varlen import seq_bounds
+from subquad.ops._common.varlen import per_sequence
 from subquad.ops.neighborhood import core
 from subquad.ops.neighborhood.reference import neighborhood_reference
 
@@ -100,7 +100,8 @@ def neighborhood_attention(
     if cu_seqlens is not None and len(grid) > 1:
         raise ValueError("cu_seqlens packs 1D sequences; it does not combine with a grid of 2 or 3 axes")
 
-    def run(q_, k_, v_, shape):
+    def run(q_, k_, v_):
+        shape = grid if len(grid) > 1 else (q_.shape[1],)  # 1D: one packed sequence's length
         cd = state_dtype(q.dtype)
         G = H // Hk
         q_, k_, v_ = q_.to(cd), k_.repeat_interleave(G, 2).to(cd), v_.repeat_interleave(G, 2).to(cd)
@@ -113,11 +114,7 @@ def neighborhood_attention(
             o_ = core.gathered(q_, k_, v_, idx, ok, scale)
         return o_.to(q.dtype)
 
-    if cu_seqlens is None:
-        return run(q, k, v, grid)
-    sizes = [e - s for s, e in seq_bounds(cu_seqlens)]
-    parts = zip(*(x.split(sizes, 1) for x in (q, k, v)), strict=True)
-    return torch.cat([run(*p, (n,)) for p, n in zip(parts, sizes, strict=True)], 1)
+    return per_sequence(run, cu_seqlens, q, k, v)
 
 
 __all__ = ["neighborhood_attention"]

@@ -12,7 +12,7 @@ import torch
 
 from subquad.ops._common import validation as val
 from subquad.ops._common.validation import autocast_exempt
-from subquad.ops._common.varlen import seq_bounds
+from subquad.ops._common.varlen import per_sequence
 from subquad.ops.nsa.chunk import chunk_nsa
 from subquad.ops.nsa.reference import reference_nsa
 
@@ -85,11 +85,7 @@ def nsa(
             o_ = chunk_nsa(q_, k_, v_, gc, gs, gw, block_size, block_count, window, scale, chunk_size)
         return o_.to(q.dtype)
 
-    if cu_seqlens is None:
-        return run(q, k, v, g_cmp, g_slc, g_swa)
-    sizes = [e - s for s, e in seq_bounds(cu_seqlens)]
-    parts = zip(*(x.split(sizes, 1) for x in (q, k, v, g_cmp, g_slc, g_swa)), strict=True)
-    return torch.cat([run(*p) for p in parts], 1)
+    return per_sequence(run, cu_seqlens, q, k, v, g_cmp, g_slc, g_swa)
 
 
 __all__ = ["nsa"]

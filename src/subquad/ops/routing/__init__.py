@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from subquad.ops._common import validation as val
 from subquad.ops._common.validation import autocast_exempt
-from subquad.ops._common.varlen import seq_bounds
+from subquad.ops._common.varlen import per_sequence
 from subquad.ops.routing.chunk import chunk_routing
 from subquad.ops.routing.reference import assign, reference_routing
 
@@ -78,10 +78,7 @@ def routing_attention(
             o_ = chunk_routing(q_, k_, v_, centroids, scale, chunk_size)
         return o_.to(q.dtype)
 
-    if cu_seqlens is None:
-        return run(q, k, v)
-    sizes = [e - s for s, e in seq_bounds(cu_seqlens)]
-    return torch.cat([run(*p) for p in zip(*(x.split(sizes, 1) for x in (q, k, v)), strict=True)], 1)
+    return per_sequence(run, cu_seqlens, q, k, v)
 
 
 @torch.no_grad()
